@@ -1,0 +1,204 @@
+/// A file descriptor in the process that drives the backend.
+public struct FD: Hashable, Sendable, CustomStringConvertible {
+    public var raw: Int32
+    public init(_ raw: Int32) { self.raw = raw }
+    public var description: String { "fd \(raw)" }
+}
+
+/// A host mapping returned by mmap(2): its start address and length.
+public struct Mapping: Hashable, Sendable {
+    public var address: UInt64
+    public var length: UInt64
+    public init(address: UInt64, length: UInt64) {
+        self.address = address
+        self.length = length
+    }
+}
+
+/// mmap(2) protection bits. The corresponding C constants are `PROT_READ`, `PROT_WRITE`,
+/// `PROT_EXEC`.
+public struct Protection: OptionSet, Hashable, Sendable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    public static let read = Protection(rawValue: 1)
+    public static let write = Protection(rawValue: 2)
+    public static let exec = Protection(rawValue: 4)
+}
+
+/// What fstat(2) reports that scenarios look at.
+public struct FileStat: Hashable, Sendable {
+    public var size: UInt64
+    public var blksize: UInt64
+    public var blocks: UInt64
+    public var inode: UInt64
+    public init(size: UInt64, blksize: UInt64, blocks: UInt64, inode: UInt64) {
+        self.size = size
+        self.blksize = blksize
+        self.blocks = blocks
+        self.inode = inode
+    }
+}
+
+/// struct kvm_userspace_memory_region2, minus the padding KVM ignores.
+public struct UserMemoryRegion2: Hashable, Sendable {
+    /// as_id << 16 | slot id, as in the uapi.
+    public var slot: UInt32
+    public var flags: UInt32
+    public var guestPhysAddr: UInt64
+    public var memorySize: UInt64
+    public var userspaceAddr: UInt64
+    public var guestMemfdOffset: UInt64
+    /// The raw fd number; KVM only looks at it when KVM_MEM_GUEST_MEMFD is set.
+    public var guestMemfd: UInt32
+
+    public init(
+        slot: UInt32, flags: UInt32, guestPhysAddr: UInt64, memorySize: UInt64,
+        userspaceAddr: UInt64, guestMemfdOffset: UInt64 = 0, guestMemfd: UInt32 = 0
+    ) {
+        self.slot = slot
+        self.flags = flags
+        self.guestPhysAddr = guestPhysAddr
+        self.memorySize = memorySize
+        self.userspaceAddr = userspaceAddr
+        self.guestMemfdOffset = guestMemfdOffset
+        self.guestMemfd = guestMemfd
+    }
+}
+
+/// The outcome of a host load or store through a mapping.
+public enum HostAccess: Hashable, Sendable {
+    /// The access completed; a load returns the bytes it read.
+    case completed([UInt8])
+    /// The access raised SIGBUS at `address` (bytes before it were accessed).
+    case sigbus(address: UInt64)
+    /// The access raised SIGSEGV at `address`: no mapping, or the wrong protection.
+    case sigsegv(address: UInt64)
+}
+
+/// A KVM exit that stopped a guest access.
+public enum VMExit: Hashable, Sendable {
+    /// KVM_EXIT_MEMORY_FAULT (39); KVM_RUN failed with EFAULT or EHWPOISON.
+    case memoryFault(flags: UInt64, gpa: UInt64, size: UInt64)
+    /// KVM_EXIT_MMIO (6): no memslot, or a write to a read-only memslot.
+    case mmio(gpa: UInt64, length: UInt32, isWrite: Bool)
+    /// KVM_EXIT_SHUTDOWN (8).
+    case shutdown
+    /// KVM_EXIT_INTERNAL_ERROR (17).
+    case internalError(suberror: UInt32)
+    /// KVM_EXIT_HYPERCALL (3).
+    case hypercall(nr: UInt64, args: [UInt64])
+    /// Any other exit reason, by number.
+    case other(reason: UInt32)
+
+    public var reasonName: String {
+        switch self {
+        case .memoryFault: "memory_fault"
+        case .mmio: "mmio"
+        case .shutdown: "shutdown"
+        case .internalError: "internal_error"
+        case .hypercall: "hypercall"
+        case .other(let r): "exit_\(r)"
+        }
+    }
+}
+
+/// One access by a vCPU to guest physical memory.
+public struct GuestAccess: Hashable, Sendable {
+    public enum Kind: Hashable, Sendable {
+        case read(count: UInt64)
+        case write([UInt8])
+    }
+    public var gpa: UInt64
+    public var kind: Kind
+    /// Set only where the platform lets the access choose (a shared-GPA bit);
+    /// on `default` and `sw_protected` VMs KVM decides from the memory attributes.
+    public var isPrivate: Bool?
+
+    public init(gpa: UInt64, kind: Kind, isPrivate: Bool? = nil) {
+        self.gpa = gpa
+        self.kind = kind
+        self.isPrivate = isPrivate
+    }
+}
+
+/// How KVM_RUN ended for a guest access.
+public enum GuestOutcome: Hashable, Sendable {
+    /// The access completed: the bytes read, or empty for a write.
+    case completed([UInt8])
+    /// KVM_RUN returned 0 with an exit the access could not pass (MMIO, shutdown).
+    case exit(VMExit)
+    /// KVM_RUN returned -1 with this errno; for EFAULT and EHWPOISON, with the
+    /// memory-fault exit KVM filled in.
+    case failed(Errno, VMExit?)
+}
+
+/// Why a backend did not perform an operation.
+public enum BackendError: Error, Hashable, Sendable {
+    /// The operation ran and the kernel (or the model) returned this errno.
+    case errno(Errno)
+    /// The backend cannot perform this operation here; the reason says why.
+    /// Scenario runs report such a step as skipped, never as passed.
+    case unsupported(String)
+}
+
+/// The operations a VMM performs on KVM and guest_memfd: one protocol, implemented
+/// by the model and by the kernel backend. Scenario runs, the VMM side and the tests
+/// talk only to this protocol.
+///
+/// Every method is the uapi call of the same name; errors are the kernel's errnos.
+public protocol Backend: AnyObject {
+    /// "model" or "kernel".
+    var name: String { get }
+
+    /// KVM_CHECK_EXTENSION on /dev/kvm (`fd` nil) or on a VM fd.
+    func checkExtension(on fd: FD?, _ cap: Capability) throws(BackendError) -> UInt64
+    /// KVM_CREATE_VM with a raw type number.
+    func createVM(type: UInt64) throws(BackendError) -> FD
+    /// KVM_CREATE_VCPU.
+    func createVCPU(vm: FD, id: UInt32) throws(BackendError) -> FD
+    /// KVM_CREATE_GUEST_MEMFD issued on `fd` (normally a VM fd).
+    func createGuestMemfd(on fd: FD, size: UInt64, flags: UInt64) throws(BackendError) -> FD
+    /// memfd_create(2) followed by ftruncate(2) to `size`.
+    func memfdCreate(size: UInt64) throws(BackendError) -> FD
+    /// close(2).
+    func close(_ fd: FD) throws(BackendError)
+    /// fstat(2).
+    func fstat(_ fd: FD) throws(BackendError) -> FileStat
+    /// read(2).
+    func read(_ fd: FD, count: UInt64) throws(BackendError) -> [UInt8]
+    /// write(2); returns the number of bytes written.
+    func write(_ fd: FD, _ bytes: [UInt8]) throws(BackendError) -> UInt64
+    /// pread(2).
+    func pread(_ fd: FD, count: UInt64, offset: UInt64) throws(BackendError) -> [UInt8]
+    /// pwrite(2).
+    func pwrite(_ fd: FD, _ bytes: [UInt8], offset: UInt64) throws(BackendError) -> UInt64
+    /// lseek(2); returns the new offset.
+    func lseek(_ fd: FD, offset: Int64, whence: Int32) throws(BackendError) -> UInt64
+    /// ftruncate(2).
+    func ftruncate(_ fd: FD, size: UInt64) throws(BackendError)
+    /// fallocate(2).
+    func fallocate(_ fd: FD, mode: UInt32, offset: UInt64, length: UInt64) throws(BackendError)
+    /// mmap(2) of `fd`, or anonymous memory when `fd` is nil.
+    func mmap(fd: FD?, offset: UInt64, length: UInt64, prot: Protection, shared: Bool)
+        throws(BackendError) -> Mapping
+    /// munmap(2).
+    func munmap(_ mapping: Mapping) throws(BackendError)
+    /// A host store to `address` (a memcpy into the mapping).
+    func hostWrite(address: UInt64, bytes: [UInt8]) throws(BackendError) -> HostAccess
+    /// A host load from `address`.
+    func hostRead(address: UInt64, count: UInt64) throws(BackendError) -> HostAccess
+    /// KVM_SET_USER_MEMORY_REGION2.
+    func setUserMemoryRegion2(vm: FD, _ region: UserMemoryRegion2) throws(BackendError)
+    /// KVM_SET_USER_MEMORY_REGION (v1: the guest_memfd fields are absent).
+    func setUserMemoryRegion(vm: FD, _ region: UserMemoryRegion2) throws(BackendError)
+    /// KVM_SET_MEMORY_ATTRIBUTES.
+    func setMemoryAttributes(vm: FD, address: UInt64, size: UInt64, attributes: UInt64, flags: UInt64)
+        throws(BackendError)
+    /// One guest access through KVM_RUN on a vCPU.
+    func guestAccess(vcpu: FD, _ access: GuestAccess) throws(BackendError) -> GuestOutcome
+    /// KVM_PRE_FAULT_MEMORY; returns the updated (gpa, size) of the range not yet done.
+    func preFaultMemory(vcpu: FD, gpa: UInt64, size: UInt64, flags: UInt64)
+        throws(BackendError) -> (gpa: UInt64, size: UInt64)
+    /// memory_failure() on the page of a guest_memfd at `offset` (hwpoison).
+    func memoryFailure(fd: FD, offset: UInt64) throws(BackendError)
+}

@@ -1,0 +1,328 @@
+import GMemBackend
+
+/// Per-page state of a guest_memfd's page cache.
+enum GmemPageState: UInt8, Hashable {
+    /// No folio: never allocated, or punched.
+    case hole
+    /// Allocated by fallocate but never faulted: contents not yet zeroed.
+    case allocated
+    /// Faulted by the host or the guest: zeroed once and marked uptodate.
+    case uptodate
+}
+
+/// The guest_memfd inode: the memory itself. It outlives the VM and every file.
+struct GmemInode: Hashable {
+    let ino: UInt64
+    /// i_size; immutable after create.
+    let size: UInt64
+    /// GUEST_MEMFD_FLAG_* given at create.
+    let flags: UInt64
+    /// Allocation state per page offset, coalesced.
+    var state = RangeMap(GmemPageState.hole)
+    /// The frames of pages that were faulted (page cache entries with identity).
+    var folios: [UInt64: UInt64] = [:]
+    /// Files (one per VM view) that refer to this inode.
+    var files: Set<UInt64> = []
+
+    var pages: UInt64 { size >> UAPI.pageShift }
+    var supportsMmap: Bool { flags & UAPI.GUEST_MEMFD_FLAG_MMAP != 0 }
+    var initShared: Bool { flags & UAPI.GUEST_MEMFD_FLAG_INIT_SHARED != 0 }
+}
+
+/// struct gmem_file: one VM's view of an inode, with its memslot bindings.
+struct GmemFile: Hashable {
+    let inode: UInt64
+    let vm: UInt64
+    /// The memslot bound at each page offset (as_id << 16 | slot id), or nil.
+    var bindings = RangeMap<UInt32?>(nil)
+}
+
+extension Kernel {
+    /// kvm_gmem_get_supported_flags(): MMAP always; INIT_SHARED unless the VM
+    /// has private memory (x86 mainline), and always when asked of /dev/kvm.
+    func gmemSupportedFlags(vm: UInt64?) -> UInt64 {
+        var flags = UAPI.GUEST_MEMFD_FLAG_MMAP
+        if let vm, vms[vm]!.type.hasPrivateMemory {
+            return flags
+        }
+        flags |= UAPI.GUEST_MEMFD_FLAG_INIT_SHARED
+        return flags
+    }
+
+    /// KVM_CREATE_GUEST_MEMFD, issued on `fd`.
+    public mutating func createGuestMemfd(on fd: Int32, size: UInt64, flags: UInt64) throws(Errno) -> Int32 {
+        let vm = try vmFD(fd)
+        if flags & ~gmemSupportedFlags(vm: vm) != 0 { throw .EINVAL }
+        // size is a loff_t: zero, negative or unaligned is EINVAL.
+        if size == 0 || Int64(bitPattern: size) < 0 || size & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
+        let ino = newID()
+        gmemInodes[ino] = GmemInode(ino: ino, size: size, flags: flags)
+        let fd = installFD(.guestMemfd(inode: ino, vm: vm))
+        let fileID = fds[fd]!
+        gmemFiles[fileID] = GmemFile(inode: ino, vm: vm)
+        gmemInodes[ino]!.files.insert(fileID)
+        // The file holds the VM (kvm_get_kvm); the VM does not hold the file.
+        vms[vm]!.refs += 1
+        return fd
+    }
+
+    // MARK: fallocate
+
+    /// fallocate(2) on any file: the VFS checks, then the file's own.
+    public mutating func fallocate(_ fd: Int32, mode: UInt32, offset: UInt64, length: UInt64) throws(Errno) {
+        let (_, f) = try file(fd)
+        try vfsFallocateChecks(mode: mode, offset: offset, length: length)
+        switch f.kind {
+        case .guestMemfd(let ino, _):
+            try gmemFallocate(ino, mode: mode, offset: offset, length: length)
+        case .memfd(let ino):
+            try shmemFallocate(ino, mode: mode, offset: offset, length: length)
+        case .kvmDevice, .vm, .vcpu:
+            // Anonymous-inode files that are not regular files.
+            throw .ENODEV
+        }
+    }
+
+    /// vfs_fallocate()'s checks, in its order.
+    func vfsFallocateChecks(mode: UInt32, offset: UInt64, length: UInt64) throws(Errno) {
+        let off = Int64(bitPattern: offset)
+        let len = Int64(bitPattern: length)
+        if off < 0 || len <= 0 { throw .EINVAL }
+        let modeMask: UInt32 =
+            UAPI.FALLOC_FL_PUNCH_HOLE | UAPI.FALLOC_FL_COLLAPSE_RANGE | UAPI.FALLOC_FL_ZERO_RANGE
+            | UAPI.FALLOC_FL_INSERT_RANGE | UAPI.FALLOC_FL_UNSHARE_RANGE | UAPI.FALLOC_FL_WRITE_ZEROES
+        if mode & ~(modeMask | UAPI.FALLOC_FL_KEEP_SIZE) != 0 { throw .EOPNOTSUPP }
+        let keep = mode & UAPI.FALLOC_FL_KEEP_SIZE != 0
+        switch mode & modeMask {
+        case 0, UAPI.FALLOC_FL_UNSHARE_RANGE, UAPI.FALLOC_FL_ZERO_RANGE:
+            break
+        case UAPI.FALLOC_FL_PUNCH_HOLE:
+            if !keep { throw .EOPNOTSUPP }
+        case UAPI.FALLOC_FL_COLLAPSE_RANGE, UAPI.FALLOC_FL_INSERT_RANGE, UAPI.FALLOC_FL_WRITE_ZEROES:
+            if keep { throw .EOPNOTSUPP }
+        default:
+            throw .EOPNOTSUPP
+        }
+        // offset + len beyond s_maxbytes (or wrapping) is EFBIG.
+        let (sum, overflow) = offset.addingReportingOverflow(length)
+        if overflow || sum > UAPI.MAX_LFS_FILESIZE { throw .EFBIG }
+    }
+
+    /// kvm_gmem_fallocate().
+    mutating func gmemFallocate(_ ino: UInt64, mode: UInt32, offset: UInt64, length: UInt64) throws(Errno) {
+        if mode & UAPI.FALLOC_FL_KEEP_SIZE == 0 { throw .EOPNOTSUPP }
+        if mode & ~(UAPI.FALLOC_FL_KEEP_SIZE | UAPI.FALLOC_FL_PUNCH_HOLE) != 0 { throw .EOPNOTSUPP }
+        if offset & (UAPI.pageSize - 1) != 0 || length & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
+        let range = (offset >> UAPI.pageShift)..<((offset + length) >> UAPI.pageShift)
+        if mode & UAPI.FALLOC_FL_PUNCH_HOLE != 0 {
+            gmemPunchHole(ino, range)
+        } else {
+            try gmemAllocate(ino, range)
+        }
+    }
+
+    /// kvm_gmem_allocate(): one folio per index, neither zeroed nor prepared.
+    mutating func gmemAllocate(_ ino: UInt64, _ range: Range<UInt64>) throws(Errno) {
+        // Allocation past EOF is refused before anything is allocated.
+        if range.upperBound > gmemInodes[ino]!.pages { throw .EINVAL }
+        let holes = gmemInodes[ino]!.state.runs(in: range).filter { $0.value == .hole }
+        for run in holes {
+            gmemInodes[ino]!.state.set(run.range, to: .allocated)
+        }
+    }
+
+    /// kvm_gmem_punch_hole(): invalidate what maps the range (stage-2 in every bound VM,
+    /// host page tables), then truncate. Punching past EOF is not an error: the range
+    /// is clipped.
+    mutating func gmemPunchHole(_ ino: UInt64, _ range: Range<UInt64>) {
+        let pages = gmemInodes[ino]!.pages
+        guard range.lowerBound < pages else { return }
+        let clipped = range.lowerBound..<min(range.upperBound, pages)
+        gmemInvalidate(ino, clipped)
+        truncateGmemPages(ino, clipped)
+    }
+
+    /// kvm_gmem_invalidate_begin()/end(): zap the SPTEs of every binding of every file
+    /// of the inode over `range`. mmu_invalidate_seq moves so racing faults retry.
+    mutating func gmemInvalidate(_ ino: UInt64, _ range: Range<UInt64>) {
+        for fileID in gmemInodes[ino]!.files {
+            let g = gmemFiles[fileID]!
+            g.bindings.forEachRun(in: range) { r, slot in
+                if let slot { zapGmemBinding(vm: g.vm, slot: slot, pgoffs: r) }
+                return true
+            }
+        }
+    }
+
+    /// truncate_inode_pages_range(): unmaps the pages from every host mapping and
+    /// drops the page cache's reference.
+    mutating func truncateGmemPages(_ ino: UInt64, _ range: Range<UInt64>) {
+        unmapMappingRange(.guestMemfd(ino), pgoffs: range)
+        let inode = gmemInodes[ino]!
+        let victims: [(UInt64, UInt64)]
+        if UInt64(inode.folios.count) < range.upperBound - range.lowerBound {
+            victims = inode.folios.filter { range.contains($0.key) }.map { ($0.key, $0.value) }
+        } else {
+            victims = range.compactMap { i in inode.folios[i].map { (i, $0) } }
+        }
+        for (pgoff, pfn) in victims {
+            gmemInodes[ino]!.folios[pgoff] = nil
+            phys.put(pfn)
+        }
+        gmemInodes[ino]!.state.set(range, to: .hole)
+    }
+
+    /// kvm_gmem_get_folio() + the uptodate handling of get_pfn and the user fault:
+    /// returns the frame at `pgoff`, allocating it if needed and zeroing it once.
+    /// A poisoned frame is EHWPOISON.
+    mutating func gmemGetFolio(_ ino: UInt64, pgoff: UInt64) throws(Errno) -> UInt64 {
+        if let pfn = gmemInodes[ino]!.folios[pgoff] {
+            if phys[pfn].hwpoison { throw .EHWPOISON }
+            return pfn
+        }
+        let pfn = phys.allocate()
+        phys.zero(pfn)
+        gmemInodes[ino]!.folios[pgoff] = pfn
+        gmemInodes[ino]!.state.set(pgoff..<pgoff + 1, to: .uptodate)
+        return pfn
+    }
+
+    // MARK: Release
+
+    /// kvm_gmem_release(): the last reference to the file is gone. Every memslot bound
+    /// to it loses its file (later faults exit with EFAULT), its SPTEs are zapped, and
+    /// the VM reference is dropped. The memory belongs to the inode and lives on while
+    /// another file refers to it.
+    mutating func gmemRelease(file fileID: UInt64) {
+        let g = gmemFiles.removeValue(forKey: fileID)!
+        g.bindings.forEachRun(in: 0..<UInt64.max) { r, slot in
+            if let slot {
+                zapGmemBinding(vm: g.vm, slot: slot, pgoffs: r)
+                vms[g.vm]!.memslots[slot]!.gmem?.fileAlive = false
+            }
+            return true
+        }
+        vms[g.vm]!.mmuInvalidateSeq += 1
+        gmemInodes[g.inode]!.files.remove(fileID)
+        if gmemInodes[g.inode]!.files.isEmpty {
+            freeGmemInode(g.inode)
+        }
+        putVM(g.vm)
+    }
+
+    /// evict_inode: the page cache goes away with the last file.
+    mutating func freeGmemInode(_ ino: UInt64) {
+        let inode = gmemInodes.removeValue(forKey: ino)!
+        for (_, pfn) in inode.folios { phys.put(pfn) }
+    }
+
+    // MARK: Memory failure
+
+    /// memory_failure() on the guest_memfd page at `offset`: the frame is marked
+    /// poisoned, mappings of it are invalidated, and it is *not* truncated
+    /// (kvm_gmem_error_folio returns MF_DELAYED). Later guest faults get EHWPOISON,
+    /// host faults SIGBUS. A hole has no frame to poison: ENOENT.
+    public mutating func memoryFailure(_ fd: Int32, offset: UInt64) throws(Errno) {
+        let (_, f) = try file(fd)
+        guard case .guestMemfd(let ino, _) = f.kind else { throw .EINVAL }
+        let inode = gmemInodes[ino]!
+        if offset & (UAPI.pageSize - 1) != 0 || offset >= inode.size { throw .EINVAL }
+        let pgoff = offset >> UAPI.pageShift
+        let pfn: UInt64
+        if let existing = inode.folios[pgoff] {
+            pfn = existing
+        } else {
+            guard inode.state.value(at: pgoff) != .hole else { throw .ENOENT }
+            // The frame fallocate allocated, not yet zeroed.
+            pfn = phys.allocate()
+            gmemInodes[ino]!.folios[pgoff] = pfn
+        }
+        phys[pfn].hwpoison = true
+        gmemInvalidate(ino, pgoff..<pgoff + 1)
+        unmapMappingRange(.guestMemfd(ino), pgoffs: pgoff..<pgoff + 1)
+    }
+
+    // MARK: File operations
+
+    /// fstat(2).
+    public func fstat(_ fd: Int32) throws(Errno) -> FileStat {
+        let (id, f) = try file(fd)
+        switch f.kind {
+        case .guestMemfd(let ino, _):
+            // st_blocks is always 0: guest_memfd does not account blocks.
+            return FileStat(size: gmemInodes[ino]!.size, blksize: UAPI.pageSize, blocks: 0, inode: ino)
+        case .memfd(let ino):
+            let s = shmemInodes[ino]!
+            return FileStat(size: s.size, blksize: UAPI.pageSize, blocks: UInt64(s.pages.count) * 8, inode: ino)
+        case .kvmDevice, .vm, .vcpu:
+            return FileStat(size: 0, blksize: UAPI.pageSize, blocks: 0, inode: id)
+        }
+    }
+
+    /// read(2): guest_memfd and KVM files have no read op (EINVAL).
+    public mutating func read(_ fd: Int32, count: UInt64) throws(Errno) -> [UInt8] {
+        let (id, f) = try file(fd)
+        guard case .memfd(let ino) = f.kind else { throw .EINVAL }
+        let bytes = shmemRead(ino, offset: f.position, count: count)
+        files[id]!.position += UInt64(bytes.count)
+        return bytes
+    }
+
+    /// write(2).
+    public mutating func write(_ fd: Int32, _ bytes: [UInt8]) throws(Errno) -> UInt64 {
+        let (id, f) = try file(fd)
+        guard case .memfd(let ino) = f.kind else { throw .EINVAL }
+        try shmemWrite(ino, offset: f.position, bytes)
+        files[id]!.position += UInt64(bytes.count)
+        return UInt64(bytes.count)
+    }
+
+    /// pread(2): files without FMODE_PREAD are ESPIPE.
+    public func pread(_ fd: Int32, count: UInt64, offset: UInt64) throws(Errno) -> [UInt8] {
+        let (_, f) = try file(fd)
+        guard case .memfd(let ino) = f.kind else { throw .ESPIPE }
+        if Int64(bitPattern: offset) < 0 { throw .EINVAL }
+        return shmemRead(ino, offset: offset, count: count)
+    }
+
+    /// pwrite(2).
+    public mutating func pwrite(_ fd: Int32, _ bytes: [UInt8], offset: UInt64) throws(Errno) -> UInt64 {
+        let (_, f) = try file(fd)
+        guard case .memfd(let ino) = f.kind else { throw .ESPIPE }
+        if Int64(bitPattern: offset) < 0 { throw .EINVAL }
+        try shmemWrite(ino, offset: offset, bytes)
+        return UInt64(bytes.count)
+    }
+
+    /// lseek(2): guest_memfd has no llseek (ESPIPE); KVM's own files use noop_llseek.
+    public mutating func lseek(_ fd: Int32, offset: Int64, whence: Int32) throws(Errno) -> UInt64 {
+        let (id, f) = try file(fd)
+        switch f.kind {
+        case .guestMemfd: throw .ESPIPE
+        case .kvmDevice, .vm, .vcpu: return f.position
+        case .memfd(let ino):
+            let base: Int64
+            switch whence {
+            case UAPI.SEEK_SET: base = 0
+            case UAPI.SEEK_CUR: base = Int64(f.position)
+            case UAPI.SEEK_END: base = Int64(shmemInodes[ino]!.size)
+            default: throw .EINVAL
+            }
+            let (pos, overflow) = base.addingReportingOverflow(offset)
+            if overflow || pos < 0 { throw .EINVAL }
+            files[id]!.position = UInt64(pos)
+            return UInt64(pos)
+        }
+    }
+
+    /// ftruncate(2): guest_memfd's setattr refuses every size change (EINVAL).
+    public mutating func ftruncate(_ fd: Int32, size: UInt64) throws(Errno) {
+        let (_, f) = try file(fd)
+        switch f.kind {
+        case .guestMemfd, .kvmDevice, .vm, .vcpu: throw .EINVAL
+        case .memfd(let ino):
+            if Int64(bitPattern: size) < 0 { throw .EINVAL }
+            shmemTruncate(ino, size: size)
+        }
+    }
+}

@@ -1,0 +1,253 @@
+import GMemBackend
+
+/// What a VMA maps.
+enum VMABacking: Hashable {
+    case anonymous
+    /// A file: the open file the VMA holds, and the inode it reaches.
+    case file(fileID: UInt64, object: MappedObject)
+}
+
+/// The object whose pages a file VMA maps (the address_space of the inode).
+enum MappedObject: Hashable {
+    case guestMemfd(UInt64)
+    case shmem(UInt64)
+}
+
+/// struct vm_area_struct.
+struct VMA: Hashable {
+    /// Distinguishes neighbouring VMAs that would otherwise coalesce.
+    let id: UInt64
+    let start: UInt64  // first virtual page number
+    let backing: VMABacking
+    /// pgoff of the VMA's first page.
+    let pgoff: UInt64
+    var prot: Protection
+    let shared: Bool
+
+    func pgoff(ofPage vpn: UInt64) -> UInt64 { pgoff + (vpn - start) }
+}
+
+/// A page-table entry.
+struct PTE: Hashable {
+    var pfn: UInt64
+    var writable: Bool
+}
+
+/// The process's mm: VMAs by virtual page number, and page tables.
+struct AddressSpace: Hashable {
+    var vmas = RangeMap<VMA?>(nil)
+    var ptes: [UInt64: PTE] = [:]
+    /// Where the next mmap without a hint goes (grows upwards, one guard page apart).
+    var nextVPN: UInt64 = 0x7f00_0000_0000 >> UAPI.pageShift
+}
+
+/// Why a host access faulted.
+enum HostFault: Error {
+    case sigbus(vpn: UInt64)
+    case sigsegv(vpn: UInt64)
+}
+
+extension Kernel {
+    // MARK: mmap / munmap
+
+    /// mmap(2) of `fd` (or anonymous memory), at an address the model chooses.
+    public mutating func mmap(fd: Int32?, offset: UInt64, length: UInt64, prot: Protection, shared: Bool)
+        throws(Errno) -> Mapping
+    {
+        if length == 0 { throw .EINVAL }
+        if offset & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
+        let (rounded, overflow) = length.addingReportingOverflow(UAPI.pageSize - 1)
+        if overflow || rounded > UAPI.TASK_SIZE_MAX { throw .ENOMEM }
+        let pages = rounded >> UAPI.pageShift
+        let pgoff = offset >> UAPI.pageShift
+        if pgoff.addingReportingOverflow(pages).overflow { throw .EOVERFLOW }
+
+        let backing: VMABacking
+        if let fd {
+            let (fileID, f) = try file(fd)
+            switch f.kind {
+            case .guestMemfd(let ino, _):
+                // guest_memfd's mount is noexec: do_mmap refuses VM_EXEC first.
+                if prot.contains(.exec) { throw .EPERM }
+                guard gmemInodes[ino]!.supportsMmap else { throw .ENODEV }
+                guard shared else { throw .EINVAL }
+                backing = .file(fileID: fileID, object: .guestMemfd(ino))
+            case .memfd(let ino):
+                backing = .file(fileID: fileID, object: .shmem(ino))
+            case .kvmDevice, .vm:
+                throw .ENODEV
+            case .vcpu:
+                // The kvm_run page; not modelled as memory the scenarios touch.
+                throw .ENODEV
+            }
+            getFile(fileID)
+        } else {
+            backing = .anonymous
+        }
+        let start = mm.nextVPN
+        mm.nextVPN += pages + 1
+        let vma = VMA(id: newID(), start: start, backing: backing, pgoff: pgoff, prot: prot, shared: shared)
+        mm.vmas.set(start..<start + pages, to: vma)
+        return Mapping(address: start << UAPI.pageShift, length: length)
+    }
+
+    /// munmap(2): page tables are torn down (with MMU notifiers) and file references
+    /// dropped for every VMA the range removes entirely.
+    public mutating func munmap(_ mapping: Mapping) throws(Errno) {
+        let address = mapping.address
+        if address & (UAPI.pageSize - 1) != 0 || mapping.length == 0 { throw .EINVAL }
+        let first = address >> UAPI.pageShift
+        let pages = (mapping.length + UAPI.pageSize - 1) >> UAPI.pageShift
+        let (end, overflow) = first.addingReportingOverflow(pages)
+        if overflow || end > (UAPI.TASK_SIZE_MAX >> UAPI.pageShift) { throw .EINVAL }
+        let range = first..<end
+        var affected: [VMA] = []
+        mm.vmas.forEachRun(in: range) { _, vma in
+            if let vma, affected.last?.id != vma.id { affected.append(vma) }
+            return true
+        }
+        zapPTEs(range)
+        mm.vmas.set(range, to: nil)
+        for vma in affected {
+            guard case .file(let fileID, _) = vma.backing else { continue }
+            // The file reference goes with the last page of the VMA.
+            if mm.vmas.firstIndex(in: 0..<UInt64.max, where: { $0?.id == vma.id }) == nil {
+                putFile(fileID)
+            }
+        }
+    }
+
+    // MARK: Page tables
+
+    /// Removes the PTEs of `range` (zap_page_range), after telling secondary MMUs.
+    mutating func zapPTEs(_ range: Range<UInt64>) {
+        mmuNotifierInvalidate(range)
+        let victims: [UInt64]
+        if UInt64(mm.ptes.count) < range.upperBound - range.lowerBound {
+            victims = mm.ptes.keys.filter { range.contains($0) }
+        } else {
+            victims = range.filter { mm.ptes[$0] != nil }
+        }
+        for vpn in victims {
+            let pte = mm.ptes.removeValue(forKey: vpn)!
+            phys[pte.pfn].mapcount -= 1
+            phys.put(pte.pfn)
+        }
+    }
+
+    /// unmap_mapping_range(): removes every PTE, in every VMA of the process, that
+    /// maps pages `pgoffs` of `object`.
+    mutating func unmapMappingRange(_ object: MappedObject, pgoffs: Range<UInt64>) {
+        var ranges: [Range<UInt64>] = []
+        mm.vmas.forEachRun(in: 0..<UInt64.max) { run, vma in
+            guard let vma, case .file(_, let o) = vma.backing, o == object else { return true }
+            // The VMA's pages that map pgoffs.
+            let lo = max(vma.pgoff(ofPage: run.lowerBound), pgoffs.lowerBound)
+            let hi = min(vma.pgoff(ofPage: run.upperBound - 1) + 1, pgoffs.upperBound)
+            if lo < hi {
+                let vlo = run.lowerBound + (lo - vma.pgoff(ofPage: run.lowerBound))
+                ranges.append(vlo..<vlo + (hi - lo))
+            }
+            return true
+        }
+        for r in ranges { zapPTEs(r) }
+    }
+
+    // MARK: Host faults
+
+    /// handle_mm_fault(): the frame behind virtual page `vpn`, faulting it in.
+    mutating func hostFault(vpn: UInt64, write: Bool) throws(HostFault) -> UInt64 {
+        guard let vma = mm.vmas.value(at: vpn) else { throw .sigsegv(vpn: vpn) }
+        if write ? !vma.prot.contains(.write) : vma.prot.isEmpty { throw .sigsegv(vpn: vpn) }
+        if let pte = mm.ptes[vpn], pte.writable || !write { return pte.pfn }
+
+        let pfn: UInt64
+        var writable = vma.prot.contains(.write)
+        switch vma.backing {
+        case .anonymous:
+            if let pte = mm.ptes[vpn] { return pte.pfn }
+            pfn = phys.allocate()  // the PTE's reference
+            phys[pfn].mapcount = 1
+            mm.ptes[vpn] = PTE(pfn: pfn, writable: writable)
+            return pfn
+        case .file(_, .guestMemfd(let ino)):
+            pfn = try gmemFaultUserMapping(ino, pgoff: vma.pgoff(ofPage: vpn), vpn: vpn)
+        case .file(_, .shmem(let ino)):
+            let pgoff = vma.pgoff(ofPage: vpn)
+            if pgoff >= (shmemInodes[ino]!.size + UAPI.pageSize - 1) >> UAPI.pageShift {
+                throw .sigbus(vpn: vpn)
+            }
+            let cache = shmemGetPage(ino, pgoff: pgoff)
+            if vma.shared {
+                pfn = cache
+            } else if write {
+                // A private file mapping: copy on write into an anonymous page.
+                if let old = mm.ptes.removeValue(forKey: vpn) {
+                    phys[old.pfn].mapcount -= 1
+                    phys.put(old.pfn)
+                }
+                let copy = phys.allocate()
+                phys.copy(from: cache, to: copy)
+                phys[copy].mapcount = 1
+                mm.ptes[vpn] = PTE(pfn: copy, writable: true)
+                return copy
+            } else {
+                pfn = cache
+                writable = false
+            }
+        }
+        if let old = mm.ptes[vpn], old.pfn == pfn {
+            mm.ptes[vpn]!.writable = writable
+            return pfn
+        }
+        phys.get(pfn)
+        phys[pfn].mapcount += 1
+        mm.ptes[vpn] = PTE(pfn: pfn, writable: writable)
+        return pfn
+    }
+
+    /// kvm_gmem_fault_user_mapping(): SIGBUS past EOF, on private memory (mainline: the
+    /// whole file unless INIT_SHARED) and on poisoned pages; otherwise the folio,
+    /// zeroed on first use.
+    mutating func gmemFaultUserMapping(_ ino: UInt64, pgoff: UInt64, vpn: UInt64) throws(HostFault) -> UInt64 {
+        let inode = gmemInodes[ino]!
+        if pgoff >= inode.pages { throw .sigbus(vpn: vpn) }
+        if !inode.initShared { throw .sigbus(vpn: vpn) }
+        do {
+            return try gmemGetFolio(ino, pgoff: pgoff)
+        } catch {
+            throw .sigbus(vpn: vpn)
+        }
+    }
+
+    /// A host load or store of `count` bytes at `address`, page by page, stopping at
+    /// the first page that faults (what memcpy through the mapping does).
+    mutating func hostAccess(address: UInt64, count: UInt64, write bytes: [UInt8]?) -> HostAccess {
+        var out: [UInt8] = []
+        var pos = address
+        let (end, overflow) = address.addingReportingOverflow(count)
+        if overflow { return .sigsegv(address: address) }
+        var done = 0
+        while pos < end {
+            let vpn = pos >> UAPI.pageShift
+            let inPage = Int(pos & (UAPI.pageSize - 1))
+            let n = min(Int(UAPI.pageSize) - inPage, Int(end - pos))
+            let pfn: UInt64
+            do {
+                pfn = try hostFault(vpn: vpn, write: bytes != nil)
+            } catch .sigbus {
+                return .sigbus(address: pos)
+            } catch {
+                return .sigsegv(address: pos)
+            }
+            if let bytes {
+                phys.write(pfn, offset: inPage, bytes[done..<done + n])
+            } else {
+                phys.read(pfn, offset: inPage, count: n, into: &out)
+            }
+            done += n
+            pos += UInt64(n)
+        }
+        return .completed(out)
+    }
+}

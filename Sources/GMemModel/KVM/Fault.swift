@@ -1,0 +1,147 @@
+import GMemBackend
+
+/// How a stage-2 fault ended when it did not produce a page.
+enum FaultExit: Error, Hashable {
+    /// kvm_prepare_memory_fault_exit() and KVM_RUN returns -1 with this errno.
+    case memoryFault(Errno, flags: UInt64, gfn: UInt64)
+    /// The access is emulated as MMIO (no memslot, or a write to a read-only slot).
+    case emulate(gfn: UInt64)
+    /// A pre-fault found no memslot (RET_PF_EMULATE maps to ENOENT there).
+    case failed(Errno)
+}
+
+extension Kernel {
+    /// The vCPU's view of `gfn`: the frame its stage-2 maps, faulting it in through
+    /// kvm_mmu_faultin_pfn() when the table has no usable entry.
+    mutating func stage2Page(vm: UInt64, gfn: UInt64, write: Bool, isPrivate requested: Bool?) throws(FaultExit)
+        -> UInt64
+    {
+        if let spte = vms[vm]!.spte[gfn], spte.writable || !write {
+            // The hardware walk hits; no fault, so no KVM check runs.
+            return spte.pfn
+        }
+        let attrPrivate = vms[vm]!.isPrivate(gfn: gfn)
+        let isPrivate = requested ?? attrPrivate
+        let flags = isPrivate ? UAPI.KVM_MEMORY_EXIT_FLAG_PRIVATE : 0
+        // KVM exits rather than retrying: retrying would hang SNP and TDX guests.
+        if isPrivate != attrPrivate { throw .memoryFault(.EFAULT, flags: flags, gfn: gfn) }
+
+        guard let slotID = vms[vm]!.slotByGfn.value(at: gfn), let slot = vms[vm]!.memslots[slotID] else {
+            // kvm_handle_noslot_fault(): private accesses cannot be emulated MMIO.
+            if isPrivate { throw .memoryFault(.EFAULT, flags: flags, gfn: gfn) }
+            throw .emulate(gfn: gfn)
+        }
+        let pfn: UInt64
+        var writable = true
+        if isPrivate || slot.gmemOnly {
+            pfn = try gmemFaultinPFN(vm: vm, slot: slot, gfn: gfn, flags: flags)
+        } else {
+            // A write to a read-only slot is emulated (KVM_PFN_ERR_RO_FAULT).
+            if write && slot.isReadonly { throw .emulate(gfn: gfn) }
+            let vpn = (slot.userspaceAddr >> UAPI.pageShift) + (gfn - slot.baseGfn)
+            do {
+                pfn = try hostFault(vpn: vpn, write: write)
+            } catch {
+                // GUP failed: kvm_handle_error_pfn() exits with EFAULT.
+                throw .memoryFault(.EFAULT, flags: flags, gfn: gfn)
+            }
+            writable = !slot.isReadonly && (mm.ptes[vpn]?.writable ?? false)
+        }
+        vms[vm]!.spte[gfn] = SPTE(pfn: pfn, isPrivate: isPrivate, writable: writable)
+        return pfn
+    }
+
+    /// kvm_mmu_faultin_pfn_gmem() + kvm_gmem_get_pfn().
+    mutating func gmemFaultinPFN(vm: UInt64, slot: Memslot, gfn: UInt64, flags: UInt64) throws(FaultExit) -> UInt64 {
+        guard let binding = slot.gmem else { throw .memoryFault(.EFAULT, flags: flags, gfn: gfn) }
+        // The file was closed: slot->gmem.file is NULL.
+        guard binding.fileAlive, let g = gmemFiles[binding.file] else {
+            throw .memoryFault(.EFAULT, flags: flags, gfn: gfn)
+        }
+        let pgoff = binding.pgoff + (gfn - slot.baseGfn)
+        if g.bindings.value(at: pgoff) != slot.slot { throw .memoryFault(.EIO, flags: flags, gfn: gfn) }
+        do {
+            return try gmemGetFolio(g.inode, pgoff: pgoff)
+        } catch {
+            throw .memoryFault(error, flags: flags, gfn: gfn)
+        }
+    }
+
+    /// One guest access by a vCPU: KVM_RUN until the access completes or exits.
+    /// Pages are touched in order; an exit on a later page leaves earlier writes done,
+    /// as a real copy loop would.
+    public mutating func guestAccess(vcpu fd: Int32, _ access: GuestAccess) throws(Errno) -> GuestOutcome {
+        let (vm, _) = try vcpuFD(fd)
+        let write: [UInt8]?
+        let count: UInt64
+        switch access.kind {
+        case .read(let n): (write, count) = (nil, n)
+        case .write(let bytes): (write, count) = (bytes, UInt64(bytes.count))
+        }
+        let (end, overflow) = access.gpa.addingReportingOverflow(count)
+        if overflow { return .exit(.shutdown) }
+        var out: [UInt8] = []
+        var gpa = access.gpa
+        var done = 0
+        while gpa < end {
+            let gfn = gpa >> UAPI.pageShift
+            let inPage = Int(gpa & (UAPI.pageSize - 1))
+            let n = min(Int(UAPI.pageSize) - inPage, Int(end - gpa))
+            let pfn: UInt64
+            do {
+                pfn = try stage2Page(vm: vm, gfn: gfn, write: write != nil, isPrivate: access.isPrivate)
+            } catch {
+                switch error {
+                case .memoryFault(let errno, let flags, let gfn):
+                    return .failed(errno, .memoryFault(flags: flags, gpa: gfn << UAPI.pageShift, size: UAPI.pageSize))
+                case .emulate:
+                    return .exit(.mmio(gpa: gpa, length: 1, isWrite: write != nil))
+                case .failed(let errno):
+                    return .failed(errno, nil)
+                }
+            }
+            if let write {
+                phys.write(pfn, offset: inPage, write[done..<done + n])
+            } else {
+                phys.read(pfn, offset: inPage, count: n, into: &out)
+            }
+            done += n
+            gpa += UInt64(n)
+        }
+        return .completed(out)
+    }
+
+    /// KVM_PRE_FAULT_MEMORY: maps the range as a read fault would, page by page.
+    /// Returns the range not yet done; succeeds if at least one page was mapped.
+    public mutating func preFaultMemory(vcpu fd: Int32, gpa: UInt64, size: UInt64, flags: UInt64) throws(Errno)
+        -> (gpa: UInt64, size: UInt64)
+    {
+        let (vm, _) = try vcpuFD(fd)
+        if flags != 0 { throw .EINVAL }
+        if gpa & (UAPI.pageSize - 1) != 0 || size & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
+        let (end, overflow) = gpa.addingReportingOverflow(size)
+        if overflow || end <= gpa { throw .EINVAL }
+        // Shadow paging faults on GVAs; pre-faulting GPAs needs TDP.
+        guard config.tdp else { throw .EOPNOTSUPP }
+        var cursor = gpa
+        while cursor < end {
+            let gfn = cursor >> UAPI.pageShift
+            do {
+                if vms[vm]!.spte[gfn] == nil {
+                    _ = try stage2Page(vm: vm, gfn: gfn, write: false, isPrivate: nil)
+                }
+            } catch {
+                let errno: Errno
+                switch error {
+                case .memoryFault(let e, _, _): errno = e
+                case .emulate: errno = .ENOENT
+                case .failed(let e): errno = e
+                }
+                if cursor == gpa { throw errno }
+                break
+            }
+            cursor += UAPI.pageSize
+        }
+        return (cursor, end - cursor)
+    }
+}

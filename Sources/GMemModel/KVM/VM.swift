@@ -1,0 +1,185 @@
+import GMemBackend
+
+extension VMType {
+    /// kvm_arch_has_private_mem(): the VM can have private memory.
+    var hasPrivateMemory: Bool { self != .default }
+}
+
+/// A memslot's guest_memfd binding (slot->gmem).
+struct GmemBinding: Hashable {
+    let file: UInt64
+    let pgoff: UInt64
+    /// slot->gmem.file: nulled when the file is released.
+    var fileAlive = true
+}
+
+/// struct kvm_memory_slot.
+struct Memslot: Hashable {
+    /// as_id << 16 | id.
+    let slot: UInt32
+    var baseGfn: UInt64
+    let npages: UInt64
+    var flags: UInt32
+    let userspaceAddr: UInt64
+    var gmem: GmemBinding?
+    /// KVM_MEMSLOT_GMEM_ONLY: every fault, shared or private, is served by guest_memfd.
+    let gmemOnly: Bool
+
+    var gfns: Range<UInt64> { baseGfn..<baseGfn + npages }
+    var isReadonly: Bool { flags & UAPI.KVM_MEM_READONLY != 0 }
+}
+
+/// A stage-2 (TDP) page-table entry.
+struct SPTE: Hashable {
+    var pfn: UInt64
+    var isPrivate: Bool
+    var writable: Bool
+}
+
+/// struct kvm.
+struct VM: Hashable {
+    let id: UInt64
+    let type: VMType
+    /// users_count: the VM fd, each vCPU fd and each guest_memfd file.
+    var refs = 1
+    var memslots: [UInt32: Memslot] = [:]
+    /// The memslot covering each gfn (address space 0).
+    var slotByGfn = RangeMap<UInt32?>(nil)
+    /// KVM_SET_MEMORY_ATTRIBUTES state per gfn.
+    var attributes = RangeMap<UInt64>(0)
+    /// The stage-2 page table, by gfn.
+    var spte: [UInt64: SPTE] = [:]
+    /// mmu_invalidate_seq: bumped by every invalidation.
+    var mmuInvalidateSeq: UInt64 = 0
+    var vcpus: Set<UInt32> = []
+
+    func isPrivate(gfn: UInt64) -> Bool {
+        attributes.value(at: gfn) & UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE != 0
+    }
+}
+
+extension Kernel {
+    // MARK: VMs
+
+    /// KVM_CREATE_VM.
+    public mutating func createVM(type: UInt64) throws(Errno) -> Int32 {
+        guard type < 64, config.supportedVMTypes & (1 << type) != 0,
+            let vmType = VMType.allCases.first(where: { $0.number == type })
+        else { throw .EINVAL }
+        let id = newID()
+        vms[id] = VM(id: id, type: vmType)
+        return installFD(.vm(id))
+    }
+
+    /// KVM_CREATE_VCPU.
+    public mutating func createVCPU(vm fd: Int32, id: UInt32) throws(Errno) -> Int32 {
+        let vm = try vmFD(fd)
+        // KVM_MAX_VCPU_IDS on x86 is 4096 * 4.
+        if id >= 4096 * 4 { throw .EINVAL }
+        if vms[vm]!.vcpus.contains(id) { throw .EEXIST }
+        vms[vm]!.vcpus.insert(id)
+        vms[vm]!.refs += 1
+        return installFD(.vcpu(vm: vm, id: id))
+    }
+
+    /// kvm_put_kvm(): the VM is destroyed with its last reference, deleting its
+    /// memslots (every guest_memfd file is gone by then: each held a reference).
+    mutating func putVM(_ id: UInt64) {
+        vms[id]!.refs -= 1
+        guard vms[id]!.refs == 0 else { return }
+        vms[id] = nil
+    }
+
+    /// KVM_CHECK_EXTENSION on /dev/kvm (`fd` nil) or a VM fd, with the values x86
+    /// mainline reports for the configured host.
+    public func checkExtension(on fd: Int32?, _ cap: Capability) throws(Errno) -> UInt64 {
+        var vm: VM?
+        if let fd {
+            let (_, f) = try file(fd)
+            switch f.kind {
+            case .vm(let id): vm = vms[id]
+            case .kvmDevice: vm = nil
+            case .vcpu: throw .EINVAL
+            case .guestMemfd, .memfd: throw .ENOTTY
+            }
+        }
+        let privateMem = vm.map { $0.type.hasPrivateMemory } ?? true
+        switch cap {
+        case .userMemory, .userMemory2, .memoryFaultInfo, .guestMemfd: return 1
+        case .readonlyMem: return 1
+        case .nrMemslots: return UInt64(UAPI.KVM_USER_MEM_SLOTS)
+        case .exitHypercall: return 1 << UAPI.KVM_HC_MAP_GPA_RANGE
+        case .memoryAttributes:
+            return config.memoryAttributesIoctl && privateMem ? UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE : 0
+        case .vmTypes: return config.supportedVMTypes
+        case .preFaultMemory: return config.tdp ? 1 : 0
+        case .guestMemfdFlags: return gmemSupportedFlags(vm: vm?.id)
+        }
+    }
+
+    // MARK: Stage-2 zaps
+
+    /// Zaps the SPTEs of `gfns` (kvm_unmap_gfn_range): both shared and private, since
+    /// only VMs with mirrored page tables (TDX) zap one side at a time.
+    mutating func zapGfns(vm: UInt64, _ gfns: Range<UInt64>) {
+        guard !gfns.isEmpty else { return }
+        vms[vm]!.mmuInvalidateSeq += 1
+        let table = vms[vm]!.spte
+        if UInt64(table.count) < gfns.upperBound - gfns.lowerBound {
+            for gfn in table.keys where gfns.contains(gfn) { vms[vm]!.spte[gfn] = nil }
+        } else {
+            for gfn in gfns where table[gfn] != nil { vms[vm]!.spte[gfn] = nil }
+        }
+    }
+
+    /// Zaps what memslot `slot` maps for guest_memfd page offsets `pgoffs`.
+    mutating func zapGmemBinding(vm: UInt64, slot: UInt32, pgoffs: Range<UInt64>) {
+        guard let s = vms[vm]?.memslots[slot], let g = s.gmem else { return }
+        let lo = max(pgoffs.lowerBound, g.pgoff)
+        let hi = min(pgoffs.upperBound, g.pgoff + s.npages)
+        guard lo < hi else { return }
+        zapGfns(vm: vm, (s.baseGfn + lo - g.pgoff)..<(s.baseGfn + hi - g.pgoff))
+    }
+
+    /// The MMU notifier's invalidate_range_start for the process: every VM zaps the
+    /// shared SPTEs that map host virtual pages `vpns` through a memslot's
+    /// userspace_addr.
+    mutating func mmuNotifierInvalidate(_ vpns: Range<UInt64>) {
+        for id in vms.keys {
+            var zaps: [Range<UInt64>] = []
+            for (_, s) in vms[id]!.memslots where !s.gmemOnly {
+                let first = s.userspaceAddr >> UAPI.pageShift
+                let lo = max(first, vpns.lowerBound)
+                let hi = min(first + s.npages, vpns.upperBound)
+                if lo < hi { zaps.append((s.baseGfn + lo - first)..<(s.baseGfn + hi - first)) }
+            }
+            for gfns in zaps {
+                vms[id]!.mmuInvalidateSeq += 1
+                for gfn in gfns where vms[id]!.spte[gfn].map({ !$0.isPrivate }) == true {
+                    vms[id]!.spte[gfn] = nil
+                }
+            }
+        }
+    }
+
+    // MARK: Memory attributes
+
+    /// KVM_SET_MEMORY_ATTRIBUTES (kvm_vm_ioctl_set_mem_attributes).
+    public mutating func setMemoryAttributes(vm fd: Int32, address: UInt64, size: UInt64, attributes: UInt64, flags: UInt64)
+        throws(Errno)
+    {
+        let vm = try vmFD(fd)
+        guard config.memoryAttributesIoctl else { throw .ENOTTY }
+        let supported = vms[vm]!.type.hasPrivateMemory ? UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE : 0
+        if flags != 0 { throw .EINVAL }
+        if attributes & ~supported != 0 { throw .EINVAL }
+        if size == 0 || address.addingReportingOverflow(size).overflow { throw .EINVAL }
+        if address & (UAPI.pageSize - 1) != 0 || size & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
+        let gfns = (address >> UAPI.pageShift)..<((address + size) >> UAPI.pageShift)
+        // Nothing to do when the whole range already has the value.
+        if vms[vm]!.attributes.allEqual(in: gfns, to: attributes) { return }
+        // kvm_arch_pre_set_memory_attributes(): unmap the old side first.
+        zapGfns(vm: vm, gfns)
+        vms[vm]!.attributes.set(gfns, to: attributes)
+    }
+}

@@ -1,0 +1,163 @@
+import GMemBackend
+
+/// What the model's host kernel is configured to offer, so one model can stand for
+/// mainline x86 with TDP or for a specific host the kernel backend runs on.
+public struct ModelConfig: Hashable, Sendable {
+    /// VM types KVM_CREATE_VM accepts (bit n = type n); KVM_CAP_VM_TYPES.
+    public var supportedVMTypes: UInt64
+    /// CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES: KVM_SET_MEMORY_ATTRIBUTES exists at all.
+    public var memoryAttributesIoctl: Bool
+    /// Two-dimensional paging (TDP); without it KVM_PRE_FAULT_MEMORY is EOPNOTSUPP.
+    public var tdp: Bool
+    /// The largest guest physical address bit KVM maps (kvm_mmu_max_gfn).
+    public var maxPhysAddrBits: UInt64
+    /// Memslot address spaces (2 with SMM).
+    public var addressSpaces: UInt32
+
+    /// Mainline x86-64 (6.18 guest_memfd semantics) with TDP and
+    /// CONFIG_KVM_SW_PROTECTED_VM: `default` and `sw_protected` VMs.
+    public static let mainline = ModelConfig(
+        supportedVMTypes: 0b11, memoryAttributesIoctl: true, tdp: true, maxPhysAddrBits: 52,
+        addressSpaces: 1)
+
+    /// The hosts this project runs on (reference/host-kernel-probe.md): 6.18 with
+    /// kvm-pvm, shadow paging, default VMs only, no memory attributes.
+    public static let pvmHost = ModelConfig(
+        supportedVMTypes: 0b1, memoryAttributesIoctl: false, tdp: false, maxPhysAddrBits: 52,
+        addressSpaces: 1)
+}
+
+/// What an open file description is.
+enum FileKind: Hashable {
+    case kvmDevice
+    case vm(UInt64)
+    case vcpu(vm: UInt64, id: UInt32)
+    case guestMemfd(inode: UInt64, vm: UInt64)
+    case memfd(inode: UInt64)
+}
+
+/// struct file: shared by every fd and VMA that refers to it.
+struct OpenFile: Hashable {
+    var kind: FileKind
+    /// fds, VMAs and other holders of the file.
+    var refs: Int
+    /// f_pos, for files with a position (memfd).
+    var position: UInt64 = 0
+}
+
+/// The model's host: the process that drives KVM (its fd table and address space),
+/// the KVM module, guest_memfd inodes, shmem and physical memory.
+///
+/// A value type: copying a `Kernel` snapshots the whole system, which is what the
+/// explorer does before each step it may have to undo.
+public struct Kernel: Hashable {
+    public internal(set) var config: ModelConfig
+    var phys = PhysicalMemory()
+    var fds: [Int32: UInt64] = [:]
+    var files: [UInt64: OpenFile] = [:]
+    var vms: [UInt64: VM] = [:]
+    var gmemInodes: [UInt64: GmemInode] = [:]
+    /// guest_memfd file state (struct gmem_file), by file id.
+    var gmemFiles: [UInt64: GmemFile] = [:]
+    var shmemInodes: [UInt64: ShmemInode] = [:]
+    var mm = AddressSpace()
+    var nextID: UInt64 = 1
+
+    public init(config: ModelConfig = .mainline) {
+        self.config = config
+    }
+
+    mutating func newID() -> UInt64 {
+        defer { nextID += 1 }
+        return nextID
+    }
+
+    // MARK: File descriptors
+
+    /// Installs a new file at the lowest free descriptor (as get_unused_fd_flags does).
+    mutating func installFD(_ kind: FileKind) -> Int32 {
+        let fileID = newID()
+        files[fileID] = OpenFile(kind: kind, refs: 1)
+        var fd: Int32 = 3
+        while fds[fd] != nil { fd += 1 }
+        fds[fd] = fileID
+        return fd
+    }
+
+    /// fget(): the file behind `fd`, or EBADF.
+    func file(_ fd: Int32) throws(Errno) -> (id: UInt64, file: OpenFile) {
+        guard let id = fds[fd], let f = files[id] else { throw .EBADF }
+        return (id, f)
+    }
+
+    /// close(2).
+    public mutating func close(_ fd: Int32) throws(Errno) {
+        guard let id = fds.removeValue(forKey: fd) else { throw .EBADF }
+        putFile(id)
+    }
+
+    mutating func getFile(_ id: UInt64) {
+        files[id]!.refs += 1
+    }
+
+    /// fput(): drops a reference and releases the file at zero.
+    mutating func putFile(_ id: UInt64) {
+        files[id]!.refs -= 1
+        guard files[id]!.refs == 0 else { return }
+        let kind = files.removeValue(forKey: id)!.kind
+        switch kind {
+        case .kvmDevice:
+            break
+        case .vm(let vm), .vcpu(let vm, _):
+            putVM(vm)
+        case .guestMemfd:
+            gmemRelease(file: id)
+        case .memfd(let inode):
+            shmemPut(inode)
+        }
+    }
+
+    /// The VM behind a VM fd; `ioctlOnOther` is the errno an ioctl of the VM class gets
+    /// on any other kind of file.
+    func vmFD(_ fd: Int32) throws(Errno) -> UInt64 {
+        let (_, f) = try file(fd)
+        switch f.kind {
+        case .vm(let id): return id
+        case .kvmDevice, .vcpu: throw .EINVAL  // kvm_dev_ioctl / kvm_vcpu_ioctl default
+        case .guestMemfd, .memfd: throw .ENOTTY  // no unlocked_ioctl
+        }
+    }
+
+    func vcpuFD(_ fd: Int32) throws(Errno) -> (vm: UInt64, id: UInt32) {
+        let (_, f) = try file(fd)
+        switch f.kind {
+        case .vcpu(let vm, let id): return (vm, id)
+        case .kvmDevice, .vm: throw .EINVAL
+        case .guestMemfd, .memfd: throw .ENOTTY
+        }
+    }
+
+    // MARK: Invariants
+
+    /// Checks the model's internal bookkeeping; traps on a violation. For tests.
+    public func checkInvariants() {
+        for (_, id) in fds { precondition(files[id] != nil, "fd points at a released file") }
+        for (id, f) in files {
+            precondition(f.refs > 0, "file \(id) with no references")
+            if case .vm(let vm) = f.kind { precondition(vms[vm] != nil, "VM fd outlives its VM") }
+        }
+        for (_, g) in gmemFiles {
+            precondition(gmemInodes[g.inode] != nil, "gmem file outlives its inode")
+            precondition(vms[g.vm] != nil, "gmem file does not hold its VM")
+        }
+        for (_, vm) in vms {
+            vm.attributes.checkInvariants()
+            vm.slotByGfn.checkInvariants()
+        }
+        for (_, inode) in gmemInodes {
+            inode.state.checkInvariants()
+            for (_, pfn) in inode.folios { precondition(phys.contains(pfn), "page cache holds a freed frame") }
+        }
+        mm.vmas.checkInvariants()
+    }
+}

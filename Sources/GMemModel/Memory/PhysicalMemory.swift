@@ -1,0 +1,85 @@
+import GMemBackend
+
+/// One physical page frame: its bytes and the counts the kernel keeps in struct page.
+struct Frame: Hashable {
+    /// The page's bytes; nil means all zero, so untouched memory costs nothing.
+    var data: [UInt8]?
+    /// References: the page cache holds one, each host PTE one, each GUP pin one.
+    var refcount: Int32 = 1
+    /// Host page-table entries that map the frame.
+    var mapcount: Int32 = 0
+    /// memory_failure() marked the frame poisoned.
+    var hwpoison = false
+}
+
+/// The host's physical memory: frames by page frame number, allocated on demand.
+///
+/// A frame exists only while something references it (a page cache, a PTE), and
+/// its bytes only once something non-zero was written to it.
+struct PhysicalMemory: Hashable {
+    private(set) var frames: [UInt64: Frame] = [:]
+    private var nextPFN: UInt64 = 0x100
+
+    static let pageSize = Int(UAPI.pageSize)
+
+    /// Allocates a frame with one reference and unspecified (here: zero) contents.
+    mutating func allocate() -> UInt64 {
+        let pfn = nextPFN
+        nextPFN += 1
+        frames[pfn] = Frame()
+        return pfn
+    }
+
+    /// get_page(): takes a reference.
+    mutating func get(_ pfn: UInt64) {
+        frames[pfn]!.refcount += 1
+    }
+
+    /// put_page(): drops a reference and frees the frame at zero.
+    mutating func put(_ pfn: UInt64) {
+        let left = frames[pfn]!.refcount - 1
+        if left == 0 {
+            frames[pfn] = nil
+        } else {
+            frames[pfn]!.refcount = left
+        }
+    }
+
+    subscript(pfn: UInt64) -> Frame {
+        get { frames[pfn]! }
+        set { frames[pfn] = newValue }
+    }
+
+    func contains(_ pfn: UInt64) -> Bool { frames[pfn] != nil }
+
+    /// clear_highpage().
+    mutating func zero(_ pfn: UInt64) {
+        frames[pfn]!.data = nil
+    }
+
+    /// Copies `count` bytes at `offset` within the frame into `out`.
+    func read(_ pfn: UInt64, offset: Int, count: Int, into out: inout [UInt8]) {
+        if let data = frames[pfn]!.data {
+            out.append(contentsOf: data[offset..<offset + count])
+        } else {
+            out.append(contentsOf: repeatElement(0, count: count))
+        }
+    }
+
+    /// Copies `bytes` into the frame at `offset`.
+    mutating func write(_ pfn: UInt64, offset: Int, _ bytes: ArraySlice<UInt8>) {
+        if frames[pfn]!.data == nil {
+            if bytes.allSatisfy({ $0 == 0 }) { return }
+            frames[pfn]!.data = [UInt8](repeating: 0, count: Self.pageSize)
+        }
+        frames[pfn]!.data!.replaceSubrange(offset..<offset + bytes.count, with: bytes)
+    }
+
+    /// Copies one frame's contents into another (COW, migration).
+    mutating func copy(from source: UInt64, to destination: UInt64) {
+        frames[destination]!.data = frames[source]!.data
+    }
+
+    /// Frames currently allocated.
+    var allocatedFrames: Int { frames.count }
+}

@@ -1,0 +1,107 @@
+import GMemBackend
+
+/// The model behind the Backend protocol: a `Kernel` value driven one call at a time.
+public final class ModelBackend: Backend {
+    public let name = "model"
+    /// The whole simulated system; a copy is a snapshot.
+    public var kernel: Kernel
+
+    public init(config: ModelConfig = .mainline) {
+        kernel = Kernel(config: config)
+    }
+
+    @inline(__always)
+    private func run<T>(_ body: (inout Kernel) throws(Errno) -> T) throws(BackendError) -> T {
+        do {
+            return try body(&kernel)
+        } catch {
+            throw .errno(error)
+        }
+    }
+
+    public func checkExtension(on fd: FD?, _ cap: Capability) throws(BackendError) -> UInt64 {
+        try run { k throws(Errno) in try k.checkExtension(on: fd?.raw, cap) }
+    }
+    public func createVM(type: UInt64) throws(BackendError) -> FD {
+        FD(try run { k throws(Errno) in try k.createVM(type: type) })
+    }
+    public func createVCPU(vm: FD, id: UInt32) throws(BackendError) -> FD {
+        FD(try run { k throws(Errno) in try k.createVCPU(vm: vm.raw, id: id) })
+    }
+    public func createGuestMemfd(on fd: FD, size: UInt64, flags: UInt64) throws(BackendError) -> FD {
+        FD(try run { k throws(Errno) in try k.createGuestMemfd(on: fd.raw, size: size, flags: flags) })
+    }
+    public func memfdCreate(size: UInt64) throws(BackendError) -> FD {
+        FD(try run { k throws(Errno) in try k.memfdCreate(size: size) })
+    }
+    public func close(_ fd: FD) throws(BackendError) {
+        try run { k throws(Errno) in try k.close(fd.raw) }
+    }
+    public func fstat(_ fd: FD) throws(BackendError) -> FileStat {
+        try run { k throws(Errno) in try k.fstat(fd.raw) }
+    }
+    public func read(_ fd: FD, count: UInt64) throws(BackendError) -> [UInt8] {
+        try run { k throws(Errno) in try k.read(fd.raw, count: count) }
+    }
+    public func write(_ fd: FD, _ bytes: [UInt8]) throws(BackendError) -> UInt64 {
+        try run { k throws(Errno) in try k.write(fd.raw, bytes) }
+    }
+    public func pread(_ fd: FD, count: UInt64, offset: UInt64) throws(BackendError) -> [UInt8] {
+        try run { k throws(Errno) in try k.pread(fd.raw, count: count, offset: offset) }
+    }
+    public func pwrite(_ fd: FD, _ bytes: [UInt8], offset: UInt64) throws(BackendError) -> UInt64 {
+        try run { k throws(Errno) in try k.pwrite(fd.raw, bytes, offset: offset) }
+    }
+    public func lseek(_ fd: FD, offset: Int64, whence: Int32) throws(BackendError) -> UInt64 {
+        try run { k throws(Errno) in try k.lseek(fd.raw, offset: offset, whence: whence) }
+    }
+    public func ftruncate(_ fd: FD, size: UInt64) throws(BackendError) {
+        try run { k throws(Errno) in try k.ftruncate(fd.raw, size: size) }
+    }
+    public func fallocate(_ fd: FD, mode: UInt32, offset: UInt64, length: UInt64) throws(BackendError) {
+        try run { k throws(Errno) in try k.fallocate(fd.raw, mode: mode, offset: offset, length: length) }
+    }
+    public func mmap(fd: FD?, offset: UInt64, length: UInt64, prot: Protection, shared: Bool) throws(BackendError)
+        -> Mapping
+    {
+        try run { k throws(Errno) in try k.mmap(fd: fd?.raw, offset: offset, length: length, prot: prot, shared: shared) }
+    }
+    public func munmap(_ mapping: Mapping) throws(BackendError) {
+        try run { k throws(Errno) in try k.munmap(mapping) }
+    }
+    public func hostWrite(address: UInt64, bytes: [UInt8]) throws(BackendError) -> HostAccess {
+        kernel.hostAccess(address: address, count: UInt64(bytes.count), write: bytes)
+    }
+    public func hostRead(address: UInt64, count: UInt64) throws(BackendError) -> HostAccess {
+        kernel.hostAccess(address: address, count: count, write: nil)
+    }
+    public func setUserMemoryRegion2(vm: FD, _ region: UserMemoryRegion2) throws(BackendError) {
+        try run { k throws(Errno) in try k.setUserMemoryRegion2(vm: vm.raw, region) }
+    }
+    public func setUserMemoryRegion(vm: FD, _ region: UserMemoryRegion2) throws(BackendError) {
+        try run { k throws(Errno) in try k.setUserMemoryRegion(vm: vm.raw, region) }
+    }
+    public func setMemoryAttributes(vm: FD, address: UInt64, size: UInt64, attributes: UInt64, flags: UInt64)
+        throws(BackendError)
+    {
+        try run { k throws(Errno) in
+            try k.setMemoryAttributes(vm: vm.raw, address: address, size: size, attributes: attributes, flags: flags)
+        }
+    }
+    public func guestAccess(vcpu: FD, _ access: GuestAccess) throws(BackendError) -> GuestOutcome {
+        if access.isPrivate != nil {
+            // default and sw_protected VMs take private/shared from the attributes; the
+            // platforms whose accesses carry the bit (TDX, SNP) come with conversion work.
+            throw .unsupported("this platform decides private/shared from memory attributes; `private` needs a platform with a shared-GPA bit")
+        }
+        return try run { k throws(Errno) in try k.guestAccess(vcpu: vcpu.raw, access) }
+    }
+    public func preFaultMemory(vcpu: FD, gpa: UInt64, size: UInt64, flags: UInt64) throws(BackendError)
+        -> (gpa: UInt64, size: UInt64)
+    {
+        try run { k throws(Errno) in try k.preFaultMemory(vcpu: vcpu.raw, gpa: gpa, size: size, flags: flags) }
+    }
+    public func memoryFailure(fd: FD, offset: UInt64) throws(BackendError) {
+        try run { k throws(Errno) in try k.memoryFailure(fd.raw, offset: offset) }
+    }
+}
