@@ -1,1 +1,142 @@
-public enum ScenarioPlaceholder {}
+import GMemBackend
+
+/// A handle a step refers to: a name bound by an earlier step's `as`, or a raw fd
+/// number (to show what the kernel does with a closed or bogus descriptor).
+public enum Ref: Hashable, Sendable, CustomStringConvertible {
+    case name(String)
+    case raw(Int32)
+    public var description: String {
+        switch self {
+        case .name(let n): n
+        case .raw(let r): "fd \(r)"
+        }
+    }
+}
+
+/// A host address given as a number or as a mapping plus an offset.
+public enum AddressRef: Hashable, Sendable {
+    case absolute(UInt64)
+    case map(String, offset: UInt64)
+}
+
+/// KVM_SET_USER_MEMORY_REGION(2) arguments with names still unresolved.
+public struct RegionSpec: Hashable, Sendable {
+    public var slot: UInt32
+    public var flags: UInt32
+    public var gpa: UInt64
+    public var size: UInt64
+    public var userspaceAddr: AddressRef
+    public var guestMemfd: Ref?
+    public var guestMemfdOffset: UInt64
+}
+
+/// The conversion model a VM is created with.
+public enum ConversionModel: String, Hashable, Sendable {
+    case attributes
+    case inPlace = "in_place"
+}
+
+/// One scenario operation, with its arguments checked and typed.
+public enum Op: Hashable, Sendable {
+    case createVM(type: UInt64, conversion: ConversionModel)
+    case createVCPU(vm: Ref, id: UInt32)
+    case checkExtension(on: Ref?, cap: Capability)
+    case createGuestMemfd(on: Ref, size: UInt64, flags: UInt64)
+    case close(Ref)
+    case fstat(Ref)
+    case read(Ref, count: UInt64)
+    case write(Ref, [UInt8])
+    case pread(Ref, count: UInt64, offset: UInt64)
+    case pwrite(Ref, [UInt8], offset: UInt64)
+    case lseek(Ref, offset: Int64, whence: Int32)
+    case ftruncate(Ref, size: UInt64)
+    case fallocate(Ref, mode: UInt32, offset: UInt64, length: UInt64)
+    case memfdCreate(size: UInt64)
+    case mmap(fd: Ref?, offset: UInt64, length: UInt64, prot: Protection, shared: Bool)
+    case munmap(map: String)
+    case hostWrite(map: String, offset: UInt64, [UInt8])
+    case hostRead(map: String, offset: UInt64, count: UInt64)
+    case setUserMemoryRegion(vm: Ref, RegionSpec, version2: Bool)
+    case setMemoryAttributes(vm: Ref, gpa: UInt64, size: UInt64, attributes: UInt64, flags: UInt64)
+    case guestWrite(vcpu: Ref, gpa: UInt64, [UInt8], isPrivate: Bool?)
+    case guestRead(vcpu: Ref, gpa: UInt64, count: UInt64, isPrivate: Bool?)
+    case preFaultMemory(vcpu: Ref, gpa: UInt64, size: UInt64, flags: UInt64)
+    case memoryFailure(Ref, offset: UInt64)
+    case convert(Ref, offset: UInt64, size: UInt64, toPrivate: Bool)
+    case pin(map: String, offset: UInt64, length: UInt64, longterm: Bool)
+    case unpin(pin: String)
+
+    /// What kind of handle the step's `as` names.
+    var produces: HandleKind? {
+        switch self {
+        case .createVM: .fd
+        case .createVCPU, .createGuestMemfd, .memfdCreate: .fd
+        case .mmap: .map
+        case .pin: .pin
+        default: nil
+        }
+    }
+}
+
+/// Handle namespaces: file descriptors, host mappings, pins.
+public enum HandleKind: String, Hashable, Sendable {
+    case fd, map, pin
+}
+
+/// What a step expects of its result.
+public enum Expectation: Hashable, Sendable, CustomStringConvertible {
+    case ok
+    case errno(Errno)
+    case sigbus
+    case sigsegv
+    /// KVM_RUN returned 0 with an exit (MMIO, shutdown).
+    case exit
+
+    public var description: String {
+        switch self {
+        case .ok: "ok"
+        case .errno(let e): e.name
+        case .sigbus: "SIGBUS"
+        case .sigsegv: "SIGSEGV"
+        case .exit: "exit"
+        }
+    }
+}
+
+/// One step of a scenario.
+public struct Step: Hashable, Sendable {
+    public var index: Int
+    public var opName: String
+    public var op: Op
+    public var name: String?
+    public var expect: Expectation
+    public var expectValue: JSON?
+    public var expectBytes: [UInt8]?
+    public var expectExit: JSON?
+    public var comment: String?
+}
+
+/// A parsed scenario file.
+public struct Scenario: Hashable, Sendable {
+    public var file: String
+    public var name: String
+    public var description: String?
+    public var steps: [Step]
+}
+
+/// Why a scenario file is not valid: the file, the step and the field, and what was
+/// expected there.
+public struct ScenarioError: Error, Hashable, Sendable, CustomStringConvertible {
+    public var file: String
+    public var step: Int?
+    public var op: String?
+    public var field: String?
+    public var message: String
+
+    public var description: String {
+        var where_ = file
+        if let step { where_ += ": step \(step)" + (op.map { " (\($0))" } ?? "") }
+        if let field { where_ += ": field '\(field)'" }
+        return where_ + ": " + message
+    }
+}

@@ -1,0 +1,443 @@
+import GMemBackend
+
+/// What a step did, before it is compared with what it expected.
+public struct Observation: Hashable, Sendable {
+    public enum Result: Hashable, Sendable {
+        case ok
+        case errno(Errno)
+        case sigbus
+        case sigsegv
+        case exit
+
+        /// The spelling of `--json`'s "result" and of `expect`.
+        public var name: String {
+            switch self {
+            case .ok: "ok"
+            case .errno(let e): e.name
+            case .sigbus: "SIGBUS"
+            case .sigsegv: "SIGSEGV"
+            case .exit: "exit"
+            }
+        }
+    }
+    public var result: Result
+    public var value: JSON?
+    public var bytes: [UInt8]?
+    public var exit: JSON?
+}
+
+/// The verdict on one step.
+public struct StepReport: Hashable, Sendable {
+    public enum Status: String, Hashable, Sendable { case passed, failed, skipped }
+    public var index: Int
+    public var op: String
+    public var status: Status
+    /// nil when the step was skipped before it ran.
+    public var observation: Observation?
+    /// Why it failed or was skipped.
+    public var message: String?
+    public var backend: String
+}
+
+/// Totals over steps.
+public struct Summary: Hashable, Sendable {
+    public var passed = 0
+    public var failed = 0
+    public var skipped = 0
+    public init() {}
+    public mutating func add(_ r: StepReport) {
+        switch r.status {
+        case .passed: passed += 1
+        case .failed: failed += 1
+        case .skipped: skipped += 1
+        }
+    }
+    public mutating func add(_ s: Summary) {
+        passed += s.passed
+        failed += s.failed
+        skipped += s.skipped
+    }
+    /// "N passed, N failed" plus ", N skipped" where steps were skipped.
+    public var line: String {
+        "\(passed) passed, \(failed) failed" + (skipped > 0 ? ", \(skipped) skipped" : "")
+    }
+}
+
+/// Runs scenarios on one backend, step by step, through the Backend protocol only.
+public final class ScenarioRunner {
+    public let backend: any Backend
+    private var fds: [String: FD] = [:]
+    private var vcpuNames: Set<String> = []
+    private var maps: [String: Mapping] = [:]
+    private var implicitVCPUs: [Ref: FD] = [:]
+    /// Handles whose creating step did not produce them, with the step index.
+    private var missing: [String: Int] = [:]
+
+    public init(backend: any Backend) {
+        self.backend = backend
+    }
+
+    /// Runs every step of `scenario`, calling `report` after each.
+    public func run(_ scenario: Scenario, report: (StepReport) -> Void) -> Summary {
+        var summary = Summary()
+        for step in scenario.steps {
+            let r = run(step)
+            summary.add(r)
+            report(r)
+        }
+        return summary
+    }
+
+    struct Skip: Error { var reason: String }
+
+    func run(_ step: Step) -> StepReport {
+        let observation: Observation
+        do {
+            observation = try execute(step)
+        } catch {
+            if let n = step.name { missing[n] = step.index }
+            return StepReport(index: step.index, op: step.opName, status: .skipped, observation: nil,
+                              message: error.reason, backend: backend.name)
+        }
+        if let n = step.name, observation.result != .ok {
+            missing[n] = step.index
+        }
+        let problems = Self.check(step, observation)
+        return StepReport(
+            index: step.index, op: step.opName, status: problems.isEmpty ? .passed : .failed,
+            observation: observation, message: problems.isEmpty ? nil : problems.joined(separator: "; "),
+            backend: backend.name)
+    }
+
+    // MARK: Handles
+
+    func fd(_ ref: Ref) throws(Skip) -> FD {
+        switch ref {
+        case .raw(let r): return FD(r)
+        case .name(let n):
+            if let fd = fds[n] { return fd }
+            if let step = missing[n] { throw Skip(reason: "handle '\(n)' was not created (step \(step))") }
+            throw Skip(reason: "handle '\(n)' is not open")
+        }
+    }
+
+    func mapping(_ name: String) throws(Skip) -> Mapping {
+        if let m = maps[name] { return m }
+        if let step = missing[name] { throw Skip(reason: "mapping '\(name)' was not created (step \(step))") }
+        throw Skip(reason: "mapping '\(name)' is not mapped")
+    }
+
+    /// The vCPU a guest access runs on: a named vCPU, or vCPU 0 of a VM, created once.
+    func vcpu(_ ref: Ref) throws(Skip) -> Result<FD, Errno> {
+        if case .name(let n) = ref, vcpuNames.contains(n) { return .success(try fd(ref)) }
+        if let v = implicitVCPUs[ref] { return .success(v) }
+        let vm = try fd(ref)
+        do {
+            let v = try backend.createVCPU(vm: vm, id: 0)
+            implicitVCPUs[ref] = v
+            return .success(v)
+        } catch {
+            switch error {
+            case .errno(let e): return .failure(e)
+            case .unsupported(let why): throw Skip(reason: why)
+            }
+        }
+    }
+
+    func address(_ a: AddressRef) throws(Skip) -> UInt64 {
+        switch a {
+        case .absolute(let v): return v
+        case .map(let m, let off): return try mapping(m).address &+ off
+        }
+    }
+
+    // MARK: Execution
+
+    /// Runs a backend call; errnos become results, `unsupported` becomes a skip.
+    func call(_ body: () throws(BackendError) -> Observation) throws(Skip) -> Observation {
+        do {
+            return try body()
+        } catch {
+            switch error {
+            case .errno(let e): return Observation(result: .errno(e))
+            case .unsupported(let why): throw Skip(reason: why)
+            }
+        }
+    }
+
+    func bind(_ step: Step, _ fd: FD, isVCPU: Bool = false) -> Observation {
+        if let n = step.name {
+            fds[n] = fd
+            missing[n] = nil
+            if isVCPU { vcpuNames.insert(n) }
+        }
+        return Observation(result: .ok, value: .object(JSONObject(["fd": .int(fd.raw)])))
+    }
+
+    func execute(_ step: Step) throws(Skip) -> Observation {
+        let b = backend
+        switch step.op {
+        case .createVM(let type, let conversion):
+            if conversion == .inPlace {
+                throw Skip(reason: "in-place conversion (conversion: \"in_place\") is not implemented yet")
+            }
+            return try call { () throws(BackendError) in bind(step, try b.createVM(type: type)) }
+        case .createVCPU(let vm, let id):
+            let v = try fd(vm)
+            return try call { () throws(BackendError) in bind(step, try b.createVCPU(vm: v, id: id), isVCPU: true) }
+        case .checkExtension(let on, let cap):
+            let f = try on.map { r throws(Skip) in try fd(r) }
+            return try call { () throws(BackendError) in
+                Observation(result: .ok, value: .int(try b.checkExtension(on: f, cap)))
+            }
+        case .createGuestMemfd(let on, let size, let flags):
+            let v = try fd(on)
+            return try call { () throws(BackendError) in
+                bind(step, try b.createGuestMemfd(on: v, size: size, flags: flags))
+            }
+        case .memfdCreate(let size):
+            return try call { () throws(BackendError) in bind(step, try b.memfdCreate(size: size)) }
+        case .close(let ref):
+            let f = try fd(ref)
+            return try call { () throws(BackendError) in
+                try b.close(f)
+                if case .name(let n) = ref {
+                    // A closed name stays resolvable, to an fd that is never valid.
+                    fds[n] = FD(-1)
+                }
+                return Observation(result: .ok)
+            }
+        case .fstat(let ref):
+            let f = try fd(ref)
+            return try call { () throws(BackendError) in
+                let st = try b.fstat(f)
+                return Observation(result: .ok, value: .object(JSONObject([
+                    "size": .int(st.size), "blksize": .int(st.blksize), "blocks": .int(st.blocks),
+                ])))
+            }
+        case .read(let ref, let count):
+            let f = try fd(ref)
+            return try call { () throws(BackendError) in Self.bytesRead(try b.read(f, count: count)) }
+        case .pread(let ref, let count, let offset):
+            let f = try fd(ref)
+            return try call { () throws(BackendError) in Self.bytesRead(try b.pread(f, count: count, offset: offset)) }
+        case .write(let ref, let bytes):
+            let f = try fd(ref)
+            return try call { () throws(BackendError) in Observation(result: .ok, value: .int(try b.write(f, bytes))) }
+        case .pwrite(let ref, let bytes, let offset):
+            let f = try fd(ref)
+            return try call { () throws(BackendError) in
+                Observation(result: .ok, value: .int(try b.pwrite(f, bytes, offset: offset)))
+            }
+        case .lseek(let ref, let offset, let whence):
+            let f = try fd(ref)
+            return try call { () throws(BackendError) in
+                Observation(result: .ok, value: .int(try b.lseek(f, offset: offset, whence: whence)))
+            }
+        case .ftruncate(let ref, let size):
+            let f = try fd(ref)
+            return try call { () throws(BackendError) in
+                try b.ftruncate(f, size: size)
+                return Observation(result: .ok)
+            }
+        case .fallocate(let ref, let mode, let offset, let length):
+            let f = try fd(ref)
+            return try call { () throws(BackendError) in
+                try b.fallocate(f, mode: mode, offset: offset, length: length)
+                return Observation(result: .ok)
+            }
+        case .mmap(let ref, let offset, let length, let prot, let shared):
+            let f = try ref.map { r throws(Skip) in try fd(r) }
+            return try call { () throws(BackendError) in
+                let m = try b.mmap(fd: f, offset: offset, length: length, prot: prot, shared: shared)
+                if let n = step.name {
+                    maps[n] = m
+                    missing[n] = nil
+                }
+                return Observation(result: .ok, value: .object(JSONObject(["addr": .int(m.address), "len": .int(m.length)])))
+            }
+        case .munmap(let name):
+            let m = try mapping(name)
+            return try call { () throws(BackendError) in
+                try b.munmap(m)
+                maps[name] = nil
+                missing[name] = step.index
+                return Observation(result: .ok)
+            }
+        case .hostWrite(let name, let offset, let bytes):
+            let m = try mapping(name)
+            return try call { () throws(BackendError) in
+                Self.host(try b.hostWrite(address: m.address &+ offset, bytes: bytes), base: m.address)
+            }
+        case .hostRead(let name, let offset, let count):
+            let m = try mapping(name)
+            return try call { () throws(BackendError) in
+                Self.host(try b.hostRead(address: m.address &+ offset, count: count), base: m.address)
+            }
+        case .setUserMemoryRegion(let vm, let spec, let v2):
+            let v = try fd(vm)
+            var region = UserMemoryRegion2(
+                slot: spec.slot, flags: spec.flags, guestPhysAddr: spec.gpa, memorySize: spec.size,
+                userspaceAddr: try address(spec.userspaceAddr), guestMemfdOffset: spec.guestMemfdOffset)
+            if let g = spec.guestMemfd { region.guestMemfd = UInt32(bitPattern: try fd(g).raw) }
+            return try call { () throws(BackendError) in
+                if v2 { try b.setUserMemoryRegion2(vm: v, region) } else { try b.setUserMemoryRegion(vm: v, region) }
+                return Observation(result: .ok)
+            }
+        case .setMemoryAttributes(let vm, let gpa, let size, let attributes, let flags):
+            let v = try fd(vm)
+            return try call { () throws(BackendError) in
+                try b.setMemoryAttributes(vm: v, address: gpa, size: size, attributes: attributes, flags: flags)
+                return Observation(result: .ok)
+            }
+        case .guestWrite(let ref, let gpa, let bytes, let isPrivate):
+            return try guest(ref, GuestAccess(gpa: gpa, kind: .write(bytes), isPrivate: isPrivate))
+        case .guestRead(let ref, let gpa, let count, let isPrivate):
+            return try guest(ref, GuestAccess(gpa: gpa, kind: .read(count: count), isPrivate: isPrivate))
+        case .preFaultMemory(let ref, let gpa, let size, let flags):
+            let v: FD
+            switch try vcpu(ref) {
+            case .success(let fd): v = fd
+            case .failure(let e): return Observation(result: .errno(e))
+            }
+            return try call { () throws(BackendError) in
+                let left = try b.preFaultMemory(vcpu: v, gpa: gpa, size: size, flags: flags)
+                return Observation(result: .ok, value: .object(JSONObject(["gpa": .int(left.gpa), "size": .int(left.size)])))
+            }
+        case .memoryFailure(let ref, let offset):
+            let f = try fd(ref)
+            return try call { () throws(BackendError) in
+                try b.memoryFailure(fd: f, offset: offset)
+                return Observation(result: .ok)
+            }
+        case .convert, .pin, .unpin:
+            throw Skip(reason: "'\(step.opName)' (in-place conversion and pins) is not implemented by the \(b.name) backend yet")
+        }
+    }
+
+    func guest(_ ref: Ref, _ access: GuestAccess) throws(Skip) -> Observation {
+        let v: FD
+        switch try vcpu(ref) {
+        case .success(let fd): v = fd
+        case .failure(let e): return Observation(result: .errno(e))
+        }
+        let b = backend
+        return try call { () throws(BackendError) in
+            switch try b.guestAccess(vcpu: v, access) {
+            case .completed(let bytes):
+                if case .read = access.kind { return Self.bytesRead(bytes) }
+                return Observation(result: .ok)
+            case .exit(let exit):
+                return Observation(result: .exit, exit: Self.render(exit))
+            case .failed(let errno, let exit):
+                return Observation(result: .errno(errno), exit: exit.map(Self.render))
+            }
+        }
+    }
+
+    static func bytesRead(_ bytes: [UInt8]) -> Observation {
+        Observation(result: .ok, value: .object(JSONObject(["len": .int(bytes.count), "bytes": .string(BytesSyntax.describe(bytes))])),
+                    bytes: bytes)
+    }
+
+    static func host(_ access: HostAccess, base: UInt64) -> Observation {
+        switch access {
+        case .completed(let bytes): bytesRead(bytes)
+        case .sigbus(let a): Observation(result: .sigbus, value: .object(JSONObject(["offset": .int(a &- base)])))
+        case .sigsegv(let a): Observation(result: .sigsegv, value: .object(JSONObject(["offset": .int(a &- base)])))
+        }
+    }
+
+    /// An exit as `expect_exit` and `--json` spell it.
+    public static func render(_ exit: VMExit) -> JSON {
+        var o = JSONObject()
+        o["reason"] = .string(exit.reasonName)
+        switch exit {
+        case .memoryFault(let flags, let gpa, let size):
+            var names: [JSON] = []
+            if flags & UAPI.KVM_MEMORY_EXIT_FLAG_PRIVATE != 0 { names.append(.string("private")) }
+            let rest = flags & ~UAPI.KVM_MEMORY_EXIT_FLAG_PRIVATE
+            if rest != 0 { names.append(.int(rest)) }
+            o["flags"] = .array(names)
+            o["gpa"] = .int(gpa)
+            o["size"] = .int(size)
+        case .mmio(let gpa, let length, let isWrite):
+            o["gpa"] = .int(gpa)
+            o["len"] = .int(length)
+            o["is_write"] = .bool(isWrite)
+        case .internalError(let sub):
+            o["suberror"] = .int(sub)
+        case .hypercall(let nr, let args):
+            o["nr"] = .int(nr)
+            o["args"] = .array(args.map { .int($0) })
+        case .shutdown, .other:
+            break
+        }
+        return .object(o)
+    }
+
+    // MARK: Checking
+
+    /// Every way `observation` falls short of `step`'s expectations.
+    static func check(_ step: Step, _ o: Observation) -> [String] {
+        var problems: [String] = []
+        let resultOK: Bool
+        switch (step.expect, o.result) {
+        case (.ok, .ok), (.sigbus, .sigbus), (.sigsegv, .sigsegv), (.exit, .exit): resultOK = true
+        // "ok" accepts a normal KVM_RUN exit only when the step says which exit.
+        case (.ok, .exit): resultOK = step.expectExit != nil
+        case (.errno(let a), .errno(let b)): resultOK = a == b
+        default: resultOK = false
+        }
+        if !resultOK {
+            var got = o.result.name
+            if let exit = o.exit { got += " " + exit.rendered }
+            problems.append("expected \(step.expect), got \(got)")
+        }
+        if let want = step.expectValue {
+            if let got = o.value {
+                if !matches(want, got) { problems.append("expected value \(want.rendered), got \(got.rendered)") }
+            } else {
+                problems.append("expected value \(want.rendered), got no value")
+            }
+        }
+        if let want = step.expectBytes {
+            if let got = o.bytes {
+                if got != want {
+                    let at = zip(got, want).enumerated().first(where: { $0.element.0 != $0.element.1 })?.offset ?? min(got.count, want.count)
+                    problems.append("bytes differ at offset \(at): expected \(BytesSyntax.describe(want)), got \(BytesSyntax.describe(got))")
+                }
+            } else {
+                problems.append("expected bytes \(BytesSyntax.describe(want)), got none")
+            }
+        }
+        if let want = step.expectExit {
+            if let got = o.exit {
+                if !matches(want, got) { problems.append("expected exit \(want.rendered), got \(got.rendered)") }
+            } else {
+                problems.append("expected exit \(want.rendered), got no exit")
+            }
+        }
+        return problems
+    }
+
+    /// Subset match: objects by the expected keys, numbers by value whatever their
+    /// spelling, arrays of names as sets.
+    public static func matches(_ want: JSON, _ got: JSON) -> Bool {
+        switch (want, got) {
+        case (.object(let w), .object(let g)):
+            return w.keys.allSatisfy { k in g[k].map { matches(w[k]!, $0) } ?? false }
+        case (.array(let w), .array(let g)):
+            guard w.count == g.count else { return false }
+            if w.allSatisfy({ if case .string = $0 { true } else { false } }) {
+                return Set(w) == Set(g)
+            }
+            return zip(w, g).allSatisfy { matches($0, $1) }
+        case (_, .number):
+            guard let a = NumberSyntax.parse(want), let b = NumberSyntax.parse(got) else { return false }
+            return a == b
+        default:
+            return want == got
+        }
+    }
+}

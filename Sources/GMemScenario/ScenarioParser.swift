@@ -1,0 +1,357 @@
+import GMemBackend
+
+/// Reads scenario files into typed steps, checking every op, field, number and
+/// handle name before anything runs.
+public enum ScenarioParser {
+    static let commonFields: Set<String> = ["op", "as", "expect", "expect_value", "expect_bytes", "expect_exit", "comment"]
+
+    static let gmemFlags: [String: UInt64] = ["mmap": UAPI.GUEST_MEMFD_FLAG_MMAP, "init_shared": UAPI.GUEST_MEMFD_FLAG_INIT_SHARED]
+    static let slotFlags: [String: UInt64] = [
+        "log_dirty_pages": UInt64(UAPI.KVM_MEM_LOG_DIRTY_PAGES), "readonly": UInt64(UAPI.KVM_MEM_READONLY),
+        "guest_memfd": UInt64(UAPI.KVM_MEM_GUEST_MEMFD),
+    ]
+    static let fallocModes: [String: UInt64] = [
+        "keep_size": 0x01, "punch_hole": 0x02, "no_hide_stale": 0x04, "collapse_range": 0x08,
+        "zero_range": 0x10, "insert_range": 0x20, "unshare_range": 0x40, "write_zeroes": 0x80,
+    ]
+    static let protBits: [String: UInt64] = ["read": 1, "write": 2, "exec": 4]
+    static let attributeBits: [String: UInt64] = ["private": UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE]
+    static let whences: [String: UInt64] = ["set": 0, "cur": 1, "end": 2, "data": 3, "hole": 4]
+
+    /// Parses the text of `file`.
+    public static func parse(text: String, file: String) throws(ScenarioError) -> Scenario {
+        let json: JSON
+        do {
+            json = try JSONParser.parse(text)
+        } catch {
+            throw ScenarioError(file: file, message: "invalid JSON: \(error)")
+        }
+        guard case .object(let top) = json else {
+            throw ScenarioError(file: file, message: "expected a JSON object with \"name\" and \"steps\"")
+        }
+        for key in top.keys where !["name", "description", "steps", "comment"].contains(key) {
+            throw ScenarioError(file: file, field: key, message: "unknown top-level field (expected name, description, steps)")
+        }
+        guard case .string(let name)? = top["name"] else {
+            throw ScenarioError(file: file, field: "name", message: "missing or not a string")
+        }
+        var description: String?
+        if let d = top["description"] {
+            guard case .string(let s) = d else { throw ScenarioError(file: file, field: "description", message: "expected a string") }
+            description = s
+        }
+        guard case .array(let rawSteps)? = top["steps"] else {
+            throw ScenarioError(file: file, field: "steps", message: "missing or not an array of steps")
+        }
+        var names: [String: HandleKind] = [:]
+        var steps: [Step] = []
+        for (index, raw) in rawSteps.enumerated() {
+            guard case .object(let obj) = raw else {
+                throw ScenarioError(file: file, step: index, message: "a step must be an object with \"op\"")
+            }
+            var reader = StepReader(obj: obj, file: file, index: index, names: names)
+            let step = try reader.readStep()
+            if let n = step.name {
+                guard let kind = step.op.produces else {
+                    throw reader.fail("as", "op '\(step.opName)' returns no handle to name")
+                }
+                names[n] = kind
+            }
+            steps.append(step)
+        }
+        return Scenario(file: file, name: name, description: description, steps: steps)
+    }
+}
+
+/// Typed access to one step's fields; every error names the file, step and field.
+struct StepReader {
+    let obj: JSONObject
+    let file: String
+    let index: Int
+    let names: [String: HandleKind]
+    var op = ""
+    var used: Set<String> = ScenarioParser.commonFields
+
+    init(obj: JSONObject, file: String, index: Int, names: [String: HandleKind]) {
+        self.obj = obj
+        self.file = file
+        self.index = index
+        self.names = names
+    }
+
+    func fail(_ field: String?, _ message: String) -> ScenarioError {
+        ScenarioError(file: file, step: index, op: op.isEmpty ? nil : op, field: field, message: message)
+    }
+
+    mutating func raw(_ key: String) -> JSON? {
+        used.insert(key)
+        return obj[key]
+    }
+
+    mutating func number(_ key: String) throws(ScenarioError) -> UInt64 {
+        guard let v = try optionalNumber(key) else { throw fail(key, "missing (expected a number)") }
+        return v
+    }
+
+    mutating func optionalNumber(_ key: String) throws(ScenarioError) -> UInt64? {
+        guard let j = raw(key) else { return nil }
+        guard let v = NumberSyntax.parse(j) else {
+            throw fail(key, "expected a number (an integer, or a string like \"0xC0000000\", \"4K\", \"2M\", \"2^63-4K\"), got \(j.rendered)")
+        }
+        return v
+    }
+
+    mutating func number32(_ key: String, default d: UInt32? = nil) throws(ScenarioError) -> UInt32 {
+        guard let v = try optionalNumber(key) else {
+            if let d { return d }
+            throw fail(key, "missing (expected a number)")
+        }
+        guard v <= UInt64(UInt32.max) else { throw fail(key, "\(v) does not fit in 32 bits") }
+        return UInt32(v)
+    }
+
+    mutating func string(_ key: String) throws(ScenarioError) -> String? {
+        guard let j = raw(key) else { return nil }
+        guard case .string(let s) = j else { throw fail(key, "expected a string, got \(j.rendered)") }
+        return s
+    }
+
+    mutating func bool(_ key: String) throws(ScenarioError) -> Bool? {
+        guard let j = raw(key) else { return nil }
+        guard case .bool(let b) = j else { throw fail(key, "expected true or false, got \(j.rendered)") }
+        return b
+    }
+
+    mutating func bytes(_ key: String) throws(ScenarioError) -> [UInt8] {
+        guard let j = raw(key) else { throw fail(key, "missing (expected bytes: hex, or {\"fill\", \"len\"})") }
+        switch BytesSyntax.parse(j) {
+        case .success(let b): return b
+        case .failure(let m): throw fail(key, m.message)
+        }
+    }
+
+    /// A set of flags given as names from `table`, or as a number.
+    mutating func flags(_ key: String, _ table: [String: UInt64], default d: UInt64 = 0) throws(ScenarioError) -> UInt64 {
+        guard let j = raw(key) else { return d }
+        if let n = NumberSyntax.parse(j) { return n }
+        let known = table.keys.sorted().joined(separator: ", ")
+        if case .string(let s) = j, let bit = table[s] { return bit }
+        guard case .array(let items) = j else { throw fail(key, "expected a list of names (\(known)) or a number") }
+        var v: UInt64 = 0
+        for item in items {
+            guard case .string(let s) = item, let bit = table[s] else {
+                throw fail(key, "unknown flag \(item.rendered) (expected \(known))")
+            }
+            v |= bit
+        }
+        return v
+    }
+
+    /// A handle of kind `kind` named by an earlier step, or (for fds) a raw number.
+    mutating func ref(_ key: String, kind: HandleKind = .fd) throws(ScenarioError) -> Ref {
+        guard let r = try optionalRef(key, kind: kind) else { throw fail(key, "missing (expected a \(kind.rawValue) handle name)") }
+        return r
+    }
+
+    mutating func optionalRef(_ key: String, kind: HandleKind = .fd) throws(ScenarioError) -> Ref? {
+        guard let j = raw(key) else { return nil }
+        if case .string(let s) = j {
+            if let k = names[s] {
+                guard k == kind else { throw fail(key, "'\(s)' names a \(k.rawValue), expected a \(kind.rawValue)") }
+                return .name(s)
+            }
+            if kind == .fd, let n = NumberSyntax.parse(j) { return .raw(Int32(truncatingIfNeeded: n)) }
+            throw fail(key, "unknown handle name '\(s)' (no earlier step has \"as\": \"\(s)\")")
+        }
+        if kind == .fd, let n = NumberSyntax.parse(j) { return .raw(Int32(truncatingIfNeeded: n)) }
+        throw fail(key, "expected a \(kind.rawValue) handle name, got \(j.rendered)")
+    }
+
+    mutating func mapName(_ key: String) throws(ScenarioError) -> String {
+        guard case .name(let n) = try ref(key, kind: .map) else { throw fail(key, "expected a mapping name") }
+        return n
+    }
+
+    func finish() throws(ScenarioError) {
+        for key in obj.keys where !used.contains(key) {
+            throw fail(key, "unknown field for op '\(op)'")
+        }
+    }
+
+    mutating func readStep() throws(ScenarioError) -> Step {
+        guard case .string(let opName)? = obj["op"] else { throw fail("op", "missing or not a string") }
+        op = opName
+        let parsed = try readOp(opName)
+        let name = try string("as")
+        var expect = Expectation.ok
+        if let e = try string("expect") {
+            switch e {
+            case "ok": expect = .ok
+            case "SIGBUS": expect = .sigbus
+            case "SIGSEGV": expect = .sigsegv
+            case "exit": expect = .exit
+            default:
+                guard let errno = Errno(name: e) else {
+                    throw fail("expect", "expected \"ok\", \"SIGBUS\", \"SIGSEGV\", \"exit\" or an errno name (\(Errno.allNames.joined(separator: ", "))), got \"\(e)\"")
+                }
+                expect = .errno(errno)
+            }
+        }
+        let expectValue = raw("expect_value")
+        var expectBytes: [UInt8]?
+        if obj["expect_bytes"] != nil { expectBytes = try bytes("expect_bytes") }
+        let expectExit = raw("expect_exit")
+        if let x = expectExit, case .object = x {} else if expectExit != nil {
+            throw fail("expect_exit", "expected an object such as {\"reason\": \"memory_fault\", \"gpa\": \"0xC0000000\"}")
+        }
+        let comment = try string("comment")
+        try finish()
+        return Step(
+            index: index, opName: opName, op: parsed, name: name, expect: expect, expectValue: expectValue,
+            expectBytes: expectBytes, expectExit: expectExit, comment: comment)
+    }
+
+    mutating func readOp(_ name: String) throws(ScenarioError) -> Op {
+        switch name {
+        case "create_vm":
+            var type: UInt64 = 0
+            if let j = raw("type") {
+                if case .string(let s) = j, let t = VMType(rawValue: s) {
+                    type = t.number
+                } else if let n = NumberSyntax.parse(j) {
+                    type = n
+                } else {
+                    throw fail("type", "expected one of \(VMType.allCases.map(\.rawValue).joined(separator: ", ")) or a number")
+                }
+            }
+            var conversion = ConversionModel.attributes
+            if let c = try string("conversion") {
+                guard let m = ConversionModel(rawValue: c) else { throw fail("conversion", "expected \"attributes\" or \"in_place\"") }
+                conversion = m
+            }
+            return .createVM(type: type, conversion: conversion)
+        case "create_vcpu":
+            return .createVCPU(vm: try ref("vm"), id: try number32("id", default: 0))
+        case "check_extension":
+            let on = try optionalRef("vm")
+            guard let c = try string("cap") else { throw fail("cap", "missing (expected a capability name)") }
+            guard let cap = Capability(rawValue: c) else {
+                throw fail("cap", "unknown capability \"\(c)\" (expected \(Capability.allCases.map(\.rawValue).joined(separator: ", ")))")
+            }
+            return .checkExtension(on: on, cap: cap)
+        case "create_guest_memfd":
+            return .createGuestMemfd(on: try ref("vm"), size: try number("size"), flags: try flags("flags", ScenarioParser.gmemFlags))
+        case "close":
+            return .close(try ref("fd"))
+        case "fstat":
+            return .fstat(try ref("fd"))
+        case "read":
+            return .read(try ref("fd"), count: try number("len"))
+        case "write":
+            return .write(try ref("fd"), try bytes("bytes"))
+        case "pread":
+            return .pread(try ref("fd"), count: try number("len"), offset: try optionalNumber("offset") ?? 0)
+        case "pwrite":
+            return .pwrite(try ref("fd"), try bytes("bytes"), offset: try optionalNumber("offset") ?? 0)
+        case "lseek":
+            let fd = try ref("fd")
+            let offset = Int64(bitPattern: try optionalNumber("offset") ?? 0)
+            let whence = try flags("whence", ScenarioParser.whences)
+            return .lseek(fd, offset: offset, whence: Int32(truncatingIfNeeded: whence))
+        case "ftruncate":
+            return .ftruncate(try ref("fd"), size: try number("size"))
+        case "fallocate":
+            let fd = try ref("fd")
+            let mode = try flags("mode", ScenarioParser.fallocModes)
+            guard mode <= UInt64(UInt32.max) else { throw fail("mode", "does not fit in 32 bits") }
+            return .fallocate(fd, mode: UInt32(mode), offset: try number("offset"), length: try number("len"))
+        case "memfd_create":
+            return .memfdCreate(size: try number("size"))
+        case "mmap":
+            let fd = try optionalRef("fd")
+            let prot = try flags("prot", ScenarioParser.protBits, default: 3)
+            guard let shared = try bool("shared") else { throw fail("shared", "missing (true for MAP_SHARED, false for MAP_PRIVATE)") }
+            return .mmap(fd: fd, offset: try optionalNumber("offset") ?? 0, length: try number("len"),
+                         prot: Protection(rawValue: UInt32(truncatingIfNeeded: prot)), shared: shared)
+        case "munmap":
+            return .munmap(map: try mapName("map"))
+        case "host_write":
+            return .hostWrite(map: try mapName("map"), offset: try optionalNumber("offset") ?? 0, try bytes("bytes"))
+        case "host_read":
+            return .hostRead(map: try mapName("map"), offset: try optionalNumber("offset") ?? 0, count: try number("len"))
+        case "set_user_memory_region2", "set_user_memory_region":
+            return try readRegion(version2: name == "set_user_memory_region2")
+        case "set_memory_attributes":
+            return .setMemoryAttributes(
+                vm: try ref("vm"), gpa: try number("gpa"), size: try number("size"),
+                attributes: try flags("attributes", ScenarioParser.attributeBits), flags: try optionalNumber("flags") ?? 0)
+        case "guest_write":
+            return .guestWrite(vcpu: try vcpuRef(), gpa: try number("gpa"), try bytes("bytes"), isPrivate: try bool("private"))
+        case "guest_read":
+            return .guestRead(vcpu: try vcpuRef(), gpa: try number("gpa"), count: try number("len"), isPrivate: try bool("private"))
+        case "pre_fault_memory":
+            return .preFaultMemory(vcpu: try vcpuRef(), gpa: try number("gpa"), size: try number("size"), flags: try optionalNumber("flags") ?? 0)
+        case "memory_failure":
+            return .memoryFailure(try ref("fd"), offset: try number("offset"))
+        case "convert":
+            let fd = try ref("fd")
+            guard let to = try string("to"), to == "private" || to == "shared" else { throw fail("to", "expected \"private\" or \"shared\"") }
+            return .convert(fd, offset: try number("offset"), size: try number("size"), toPrivate: to == "private")
+        case "pin":
+            return .pin(map: try mapName("map"), offset: try optionalNumber("offset") ?? 0, length: try number("len"),
+                        longterm: try bool("longterm") ?? false)
+        case "unpin":
+            guard case .name(let n) = try ref("pin", kind: .pin) else { throw fail("pin", "expected a pin name") }
+            return .unpin(pin: n)
+        default:
+            throw fail("op", "unknown op \"\(name)\" (see docs/scenarios.md for the list)")
+        }
+    }
+
+    /// Guest accesses name a vCPU (`vcpu`) or a VM (`vm`: its vCPU 0, created on first use).
+    mutating func vcpuRef() throws(ScenarioError) -> Ref {
+        if let v = try optionalRef("vcpu") {
+            if obj["vm"] != nil { throw fail("vm", "give either \"vm\" or \"vcpu\", not both") }
+            return v
+        }
+        guard let vm = try optionalRef("vm") else { throw fail("vm", "missing (expected a VM or, as \"vcpu\", a vCPU)") }
+        return vm
+    }
+
+    mutating func readRegion(version2: Bool) throws(ScenarioError) -> Op {
+        let vm = try ref("vm")
+        let id = try number32("slot")
+        let asID = try number32("as_id", default: 0)
+        guard id <= 0xffff, asID <= 0xffff else { throw fail(id > 0xffff ? "slot" : "as_id", "must fit in 16 bits") }
+        let flags = try flags("flags", ScenarioParser.slotFlags)
+        guard flags <= UInt64(UInt32.max) else { throw fail("flags", "does not fit in 32 bits") }
+        var uaddr = AddressRef.absolute(0)
+        if let j = raw("userspace_addr") {
+            switch j {
+            case .object(let o):
+                guard case .string(let m)? = o["map"], names[m] == .map else {
+                    throw fail("userspace_addr", "expected {\"map\": <mapping name>, \"offset\": <number>}")
+                }
+                let off = o["offset"].flatMap { NumberSyntax.parse($0) } ?? 0
+                uaddr = .map(m, offset: off)
+            case .string(let s) where names[s] == .map:
+                uaddr = .map(s, offset: 0)
+            default:
+                guard let n = NumberSyntax.parse(j) else {
+                    throw fail("userspace_addr", "expected 0, a number, a mapping name, or {\"map\", \"offset\"}")
+                }
+                uaddr = .absolute(n)
+            }
+        }
+        var gmem: Ref?
+        var offset: UInt64 = 0
+        if version2 {
+            gmem = try optionalRef("guest_memfd")
+            offset = try optionalNumber("guest_memfd_offset") ?? 0
+        }
+        let spec = RegionSpec(
+            slot: asID << 16 | id, flags: UInt32(flags), gpa: try number("gpa"), size: try number("size"),
+            userspaceAddr: uaddr, guestMemfd: gmem, guestMemfdOffset: offset)
+        return .setUserMemoryRegion(vm: vm, spec, version2: version2)
+    }
+}

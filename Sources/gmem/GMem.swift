@@ -1,0 +1,147 @@
+import ArgumentParser
+import GMemBackend
+import GMemModel
+import GMemScenario
+
+@main
+struct GMem: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "gmem",
+        abstract: "Linux KVM guest_memfd, executable in user space.",
+        discussion: """
+            With no subcommand, gmem runs the bundled tour: a guided set of scenarios that
+            show what guest_memfd does, on the model.
+            """,
+        subcommands: [Tour.self, Run.self],
+        defaultSubcommand: Tour.self)
+}
+
+enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
+    case model, kernel, both
+}
+
+enum ModelProfile: String, ExpressibleByArgument, CaseIterable {
+    case mainline
+    case pvmHost = "pvm-host"
+
+    var config: ModelConfig {
+        switch self {
+        case .mainline: .mainline
+        case .pvmHost: .pvmHost
+        }
+    }
+}
+
+struct BackendOptions: ParsableArguments {
+    @Option(help: "Where steps run: model, kernel, or both (compared).")
+    var backend: BackendChoice = .model
+
+    @Option(name: .customLong("model-config"), help: "What the model's host offers: mainline (x86, TDP, sw_protected VMs) or pvm-host (this project's hosts).")
+    var modelConfig: ModelProfile = .mainline
+
+    /// The backend to run on, or exit 3 saying why it is unavailable.
+    func makeBackend() throws -> any Backend {
+        switch backend {
+        case .model:
+            return ModelBackend(config: modelConfig.config)
+        case .kernel, .both:
+            emitError("gmem: backend '\(backend.rawValue)' is unavailable: this build has no kernel backend yet (it runs the model only)")
+            throw ExitCode(3)
+        }
+    }
+}
+
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run scenario files and check every expectation.",
+        discussion: """
+            Exit status: 0 every expectation held; 1 an expectation failed; 2 a file is not \
+            a valid scenario; 3 the backend is unavailable. A directory runs its *.json files.
+            """)
+
+    @OptionGroup var options: BackendOptions
+
+    @Flag(help: "One JSON object per step, then a summary object.")
+    var json = false
+
+    @Flag(name: .shortAndLong, help: "Only step lines and summaries: no descriptions or comments.")
+    var quiet = false
+
+    @Argument(help: "Scenario files or directories.")
+    var files: [String]
+
+    func run() throws {
+        var scenarios: [Scenario] = []
+        var invalid = false
+        for path in expandScenarioPaths(files) {
+            switch readTextFile(path) {
+            case .failure(let p):
+                emitError("\(path): cannot read: \(p.message)")
+                invalid = true
+            case .success(let text):
+                do {
+                    scenarios.append(try ScenarioParser.parse(text: text, file: path))
+                } catch {
+                    emitError("\(error)")
+                    invalid = true
+                }
+            }
+        }
+        if invalid { throw ExitCode(2) }
+        var reporter = Reporter(json: json)
+        reporter.verbose = !quiet
+        var total = Summary()
+        for scenario in scenarios {
+            // Each scenario starts from a fresh system.
+            let runner = ScenarioRunner(backend: try options.makeBackend())
+            reporter.header(scenario, backend: runner.backend.name)
+            var stepsByIndex: [Int: Step] = [:]
+            for s in scenario.steps { stepsByIndex[s.index] = s }
+            let summary = runner.run(scenario) { r in reporter.step(r, stepsByIndex[r.index]!, file: scenario.file) }
+            reporter.fileSummary(scenario, summary)
+            total.add(summary)
+        }
+        reporter.total(total)
+        if total.failed > 0 { throw ExitCode(1) }
+    }
+}
+
+struct Tour: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Walk through guest_memfd's behaviour with the bundled scenarios (the default).")
+
+    @OptionGroup var options: BackendOptions
+
+    func run() throws {
+        emit("""
+            GuestMemfd: the Linux KVM guest_memfd system, executable in user space.
+
+            The tour runs the scenarios bundled into this binary on the \(options.backend.rawValue) \
+            backend. Each line is one uapi call: step, op, result, and what it returned. Every \
+            result is checked against the errno, bytes or exit the kernel gives.
+
+            """)
+        var total = Summary()
+        let reporter = Reporter(json: false)
+        for (file, text) in TourScenarios.all {
+            let scenario: Scenario
+            do {
+                scenario = try ScenarioParser.parse(text: text, file: file)
+            } catch {
+                emitError("gmem: bundled scenario is invalid: \(error)")
+                throw ExitCode(2)
+            }
+            let runner = ScenarioRunner(backend: try options.makeBackend())
+            reporter.header(scenario, backend: runner.backend.name)
+            var stepsByIndex: [Int: Step] = [:]
+            for s in scenario.steps { stepsByIndex[s.index] = s }
+            let summary = runner.run(scenario) { r in reporter.step(r, stepsByIndex[r.index]!, file: file) }
+            reporter.fileSummary(scenario, summary)
+            total.add(summary)
+        }
+        emit("Tour: every step checked against the kernel's documented behaviour.")
+        emit("Run the conformance suite with: swift run gmem run scenarios/")
+        reporter.total(total)
+        if total.failed > 0 { throw ExitCode(1) }
+    }
+}
