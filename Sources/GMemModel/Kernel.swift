@@ -54,6 +54,9 @@ public struct Kernel: Hashable {
     public internal(set) var config: ModelConfig
     var phys = PhysicalMemory()
     var fds: [Int32: UInt64] = [:]
+    /// No descriptor below this one is free (the search for the lowest free fd
+    /// starts here, as the kernel's fdtable keeps next_fd).
+    var nextFD: Int32 = 3
     var files: [UInt64: OpenFile] = [:]
     var vms: [UInt64: VM] = [:]
     var gmemInodes: [UInt64: GmemInode] = [:]
@@ -78,9 +81,10 @@ public struct Kernel: Hashable {
     mutating func installFD(_ kind: FileKind) -> Int32 {
         let fileID = newID()
         files[fileID] = OpenFile(kind: kind, refs: 1)
-        var fd: Int32 = 3
+        var fd = nextFD
         while fds[fd] != nil { fd += 1 }
         fds[fd] = fileID
+        nextFD = fd + 1
         return fd
     }
 
@@ -93,6 +97,7 @@ public struct Kernel: Hashable {
     /// close(2).
     public mutating func close(_ fd: Int32) throws(Errno) {
         guard let id = fds.removeValue(forKey: fd) else { throw .EBADF }
+        nextFD = min(nextFD, fd)
         putFile(id)
     }
 

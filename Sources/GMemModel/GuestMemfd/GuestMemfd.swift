@@ -158,15 +158,8 @@ extension Kernel {
     /// drops the page cache's reference.
     mutating func truncateGmemPages(_ ino: UInt64, _ range: Range<UInt64>) {
         unmapMappingRange(.guestMemfd(ino), pgoffs: range)
-        let inode = gmemInodes[ino]!
-        let victims: [(UInt64, UInt64)]
-        if UInt64(inode.folios.count) < range.upperBound - range.lowerBound {
-            victims = inode.folios.filter { range.contains($0.key) }.map { ($0.key, $0.value) }
-        } else {
-            victims = range.compactMap { i in inode.folios[i].map { (i, $0) } }
-        }
-        for (pgoff, pfn) in victims {
-            gmemInodes[ino]!.folios[pgoff] = nil
+        for pgoff in presentKeys(of: gmemInodes[ino]!.folios, in: range) {
+            let pfn = gmemInodes[ino]!.folios.removeValue(forKey: pgoff)!
             phys.put(pfn)
         }
         gmemInodes[ino]!.state.set(range, to: .hole)
@@ -225,14 +218,13 @@ extension Kernel {
     public mutating func memoryFailure(_ fd: Int32, offset: UInt64) throws(Errno) {
         let (_, f) = try file(fd)
         guard case .guestMemfd(let ino, _) = f.kind else { throw .EINVAL }
-        let inode = gmemInodes[ino]!
-        if offset & (UAPI.pageSize - 1) != 0 || offset >= inode.size { throw .EINVAL }
+        if offset & (UAPI.pageSize - 1) != 0 || offset >= gmemInodes[ino]!.size { throw .EINVAL }
         let pgoff = offset >> UAPI.pageShift
         let pfn: UInt64
-        if let existing = inode.folios[pgoff] {
+        if let existing = gmemInodes[ino]!.folios[pgoff] {
             pfn = existing
         } else {
-            guard inode.state.value(at: pgoff) != .hole else { throw .ENOENT }
+            guard gmemInodes[ino]!.state.value(at: pgoff) != .hole else { throw .ENOENT }
             // The frame fallocate allocated, not yet zeroed.
             pfn = phys.allocate()
             gmemInodes[ino]!.folios[pgoff] = pfn

@@ -122,13 +122,7 @@ extension Kernel {
     /// Removes the PTEs of `range` (zap_page_range), after telling secondary MMUs.
     mutating func zapPTEs(_ range: Range<UInt64>) {
         mmuNotifierInvalidate(range)
-        let victims: [UInt64]
-        if UInt64(mm.ptes.count) < range.upperBound - range.lowerBound {
-            victims = mm.ptes.keys.filter { range.contains($0) }
-        } else {
-            victims = range.filter { mm.ptes[$0] != nil }
-        }
-        for vpn in victims {
+        for vpn in presentKeys(of: mm.ptes, in: range) {
             let pte = mm.ptes.removeValue(forKey: vpn)!
             phys[pte.pfn].mapcount -= 1
             phys.put(pte.pfn)
@@ -210,9 +204,11 @@ extension Kernel {
     /// whole file unless INIT_SHARED) and on poisoned pages; otherwise the folio,
     /// zeroed on first use.
     mutating func gmemFaultUserMapping(_ ino: UInt64, pgoff: UInt64, vpn: UInt64) throws(HostFault) -> UInt64 {
-        let inode = gmemInodes[ino]!
-        if pgoff >= inode.pages { throw .sigbus(vpn: vpn) }
-        if !inode.initShared { throw .sigbus(vpn: vpn) }
+        // Read what is needed and let go of the inode before gmemGetFolio mutates it:
+        // a live copy would make the page-cache dictionary copy on write.
+        let (pages, initShared) = (gmemInodes[ino]!.pages, gmemInodes[ino]!.initShared)
+        if pgoff >= pages { throw .sigbus(vpn: vpn) }
+        if !initShared { throw .sigbus(vpn: vpn) }
         do {
             return try gmemGetFolio(ino, pgoff: pgoff)
         } catch {
@@ -249,5 +245,12 @@ extension Kernel {
             pos += UInt64(n)
         }
         return .completed(out)
+    }
+}
+
+extension Kernel {
+    /// A one-byte host load at `address` (for benchmarks and tools).
+    public mutating func hostRead(address: UInt64) -> HostAccess {
+        hostAccess(address: address, count: 1, write: nil)
     }
 }

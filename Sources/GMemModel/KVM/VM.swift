@@ -124,12 +124,7 @@ extension Kernel {
     mutating func zapGfns(vm: UInt64, _ gfns: Range<UInt64>) {
         guard !gfns.isEmpty else { return }
         vms[vm]!.mmuInvalidateSeq += 1
-        let table = vms[vm]!.spte
-        if UInt64(table.count) < gfns.upperBound - gfns.lowerBound {
-            for gfn in table.keys where gfns.contains(gfn) { vms[vm]!.spte[gfn] = nil }
-        } else {
-            for gfn in gfns where table[gfn] != nil { vms[vm]!.spte[gfn] = nil }
-        }
+        for gfn in presentKeys(of: vms[vm]!.spte, in: gfns) { vms[vm]!.spte[gfn] = nil }
     }
 
     /// Zaps what memslot `slot` maps for guest_memfd page offsets `pgoffs`.
@@ -182,4 +177,16 @@ extension Kernel {
         zapGfns(vm: vm, gfns)
         vms[vm]!.attributes.set(gfns, to: attributes)
     }
+}
+
+/// The keys of `table` inside `range`, found by walking whichever is smaller: the
+/// range or the table. Callers mutate the table afterwards, so this must not hold a
+/// copy of it (a live copy would make the mutation copy the whole dictionary).
+///
+/// - Complexity: O(min(range length, table count)).
+func presentKeys<V>(of table: [UInt64: V], in range: Range<UInt64>) -> [UInt64] {
+    if UInt64(table.count) < range.upperBound - range.lowerBound {
+        return table.keys.filter { range.contains($0) }
+    }
+    return range.filter { table[$0] != nil }
 }
