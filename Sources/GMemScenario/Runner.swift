@@ -2,25 +2,7 @@ import GMemBackend
 
 /// What a step did, before it is compared with what it expected.
 public struct Observation: Hashable, Sendable {
-    public enum Result: Hashable, Sendable {
-        case ok
-        case errno(Errno)
-        case sigbus
-        case sigsegv
-        case exit
-
-        /// The spelling of `--json`'s "result" and of `expect`.
-        public var name: String {
-            switch self {
-            case .ok: "ok"
-            case .errno(let e): e.name
-            case .sigbus: "SIGBUS"
-            case .sigsegv: "SIGSEGV"
-            case .exit: "exit"
-            }
-        }
-    }
-    public var result: Result
+    public var result: Outcome
     public var value: JSON?
     public var bytes: [UInt8]?
     public var exit: JSON?
@@ -390,7 +372,7 @@ public final class ScenarioRunner {
         default: resultOK = false
         }
         if !resultOK {
-            var got = o.result.name
+            var got = o.result.description
             if let exit = o.exit { got += " " + exit.rendered }
             problems.append("expected \(step.expect), got \(got)")
         }

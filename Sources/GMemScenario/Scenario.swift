@@ -83,8 +83,8 @@ public enum HandleKind: String, Hashable, Sendable {
     case fd, map, pin
 }
 
-/// What a step expects of its result.
-public enum Expectation: Hashable, Sendable, CustomStringConvertible {
+/// How a step ended, as `expect` names it and as `--json` reports it.
+public enum Outcome: Hashable, Sendable, CustomStringConvertible {
     case ok
     case errno(Errno)
     case sigbus
@@ -109,7 +109,7 @@ public struct Step: Hashable, Sendable {
     public var opName: String
     public var op: Op
     public var name: String?
-    public var expect: Expectation
+    public var expect: Outcome
     public var expectValue: JSON?
     public var expectBytes: [UInt8]?
     public var expectExit: JSON?

@@ -183,7 +183,7 @@ struct StepReader {
         op = opName
         let parsed = try readOp(opName)
         let name = try string("as")
-        var expect = Expectation.ok
+        var expect = Outcome.ok
         if let e = try string("expect") {
             switch e {
             case "ok": expect = .ok

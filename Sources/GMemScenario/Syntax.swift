@@ -156,7 +156,7 @@ public enum BytesSyntax {
         out.reserveCapacity(u.count / 2)
         var i = 0
         while i < u.count {
-            guard let hi = JSONParserHex.digit(u[i]), let lo = JSONParserHex.digit(u[i + 1]) else { return nil }
+            guard let hi = JSONParser.hexDigit(u[i]), let lo = JSONParser.hexDigit(u[i + 1]) else { return nil }
             out.append(hi << 4 | lo)
             i += 2
         }
@@ -191,16 +191,5 @@ public enum BytesSyntax {
             out.append(digits[Int(b & 0xf)])
         }
         return String(decoding: out, as: UTF8.self)
-    }
-}
-
-enum JSONParserHex {
-    static func digit(_ c: UInt8) -> UInt8? {
-        switch c {
-        case 0x30...0x39: c - 0x30
-        case 0x41...0x46: c - 0x41 + 10
-        case 0x61...0x66: c - 0x61 + 10
-        default: nil
-        }
     }
 }

@@ -18,7 +18,7 @@ struct Reporter {
             o["file"] = .string(file)
             o["step"] = .int(r.index)
             o["op"] = .string(r.op)
-            o["result"] = .string(r.observation?.result.name ?? "skipped")
+            o["result"] = .string(r.observation?.result.description ?? "skipped")
             o["status"] = .string(r.status.rawValue)
             if let v = r.observation?.value { o["value"] = v }
             if let x = r.observation?.exit { o["exit"] = x }
@@ -28,10 +28,10 @@ struct Reporter {
             return
         }
         if verbose, let c = step.comment { emit(wrap(c, indent: "       # ")) }
-        let result = r.observation?.result.name ?? "skipped"
+        let result = r.observation?.result.description ?? "skipped"
         var detail = ""
-        if let x = r.observation?.exit { detail = "exit " + x.rendered }
-        else if let v = r.observation?.value { detail = v.rendered }
+        if let x = r.observation?.exit { detail = "exit " + human(x) }
+        else if let v = r.observation?.value { detail = human(v) }
         if detail.count > 90 { detail = String(detail.prefix(87)) + "..." }
         let idx = String(r.index)
         let line = String(repeating: " ", count: max(0, 4 - idx.count)) + idx + "  "
@@ -57,6 +57,21 @@ struct Reporter {
             ]))])).rendered)
         } else {
             emit(s.line)
+        }
+    }
+
+    /// JSON for people: numbers of 64 KiB and up (addresses, offsets, sizes) in hex.
+    func human(_ v: JSON) -> String {
+        switch v {
+        case .number(let text):
+            if let n = UInt64(text), n >= 0x10000 { return "0x" + String(n, radix: 16) }
+            return text
+        case .array(let items):
+            return "[" + items.map(human).joined(separator: ", ") + "]"
+        case .object(let o):
+            return "{" + o.keys.map { "\"\($0)\": " + human(o[$0]!) }.joined(separator: ", ") + "}"
+        default:
+            return v.rendered
         }
     }
 

@@ -219,30 +219,22 @@ extension Kernel {
     /// A host load or store of `count` bytes at `address`, page by page, stopping at
     /// the first page that faults (what memcpy through the mapping does).
     mutating func hostAccess(address: UInt64, count: UInt64, write bytes: [UInt8]?) -> HostAccess {
+        if address.addingReportingOverflow(count).overflow { return .sigsegv(address: address) }
         var out: [UInt8] = []
-        var pos = address
-        let (end, overflow) = address.addingReportingOverflow(count)
-        if overflow { return .sigsegv(address: address) }
-        var done = 0
-        while pos < end {
-            let vpn = pos >> UAPI.pageShift
-            let inPage = Int(pos & (UAPI.pageSize - 1))
-            let n = min(Int(UAPI.pageSize) - inPage, Int(end - pos))
+        for c in PageChunks(start: address, count: count) {
             let pfn: UInt64
             do {
-                pfn = try hostFault(vpn: vpn, write: bytes != nil)
+                pfn = try hostFault(vpn: c.page, write: bytes != nil)
             } catch .sigbus {
-                return .sigbus(address: pos)
+                return .sigbus(address: c.address)
             } catch {
-                return .sigsegv(address: pos)
+                return .sigsegv(address: c.address)
             }
             if let bytes {
-                phys.write(pfn, offset: inPage, bytes[done..<done + n])
+                phys.write(pfn, offset: c.offsetInPage, bytes[c.range])
             } else {
-                phys.read(pfn, offset: inPage, count: n, into: &out)
+                phys.read(pfn, offset: c.offsetInPage, count: c.length, into: &out)
             }
-            done += n
-            pos += UInt64(n)
         }
         return .completed(out)
     }

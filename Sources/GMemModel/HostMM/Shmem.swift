@@ -36,16 +36,12 @@ extension Kernel {
         let end = offset + min(count, inode.size - offset)
         var out: [UInt8] = []
         out.reserveCapacity(Int(end - offset))
-        var pos = offset
-        while pos < end {
-            let inPage = Int(pos & (UAPI.pageSize - 1))
-            let n = min(Int(UAPI.pageSize) - inPage, Int(end - pos))
-            if let pfn = inode.pages[pos >> UAPI.pageShift] {
-                phys.read(pfn, offset: inPage, count: n, into: &out)
+        for c in PageChunks(start: offset, count: end - offset) {
+            if let pfn = inode.pages[c.page] {
+                phys.read(pfn, offset: c.offsetInPage, count: c.length, into: &out)
             } else {
-                out.append(contentsOf: repeatElement(0, count: n))
+                out.append(contentsOf: repeatElement(0, count: c.length))
             }
-            pos += UInt64(n)
         }
         return out
     }
@@ -53,15 +49,9 @@ extension Kernel {
     mutating func shmemWrite(_ ino: UInt64, offset: UInt64, _ bytes: [UInt8]) throws(Errno) {
         let (end, overflow) = offset.addingReportingOverflow(UInt64(bytes.count))
         if overflow || end > UAPI.MAX_LFS_FILESIZE { throw .EFBIG }
-        var pos = offset
-        var i = 0
-        while i < bytes.count {
-            let inPage = Int(pos & (UAPI.pageSize - 1))
-            let n = min(Int(UAPI.pageSize) - inPage, bytes.count - i)
-            let pfn = shmemGetPage(ino, pgoff: pos >> UAPI.pageShift)
-            phys.write(pfn, offset: inPage, bytes[i..<i + n])
-            pos += UInt64(n)
-            i += n
+        for c in PageChunks(start: offset, count: UInt64(bytes.count)) {
+            let pfn = shmemGetPage(ino, pgoff: c.page)
+            phys.write(pfn, offset: c.offsetInPage, bytes[c.range])
         }
         if end > shmemInodes[ino]!.size { shmemInodes[ino]!.size = end }
     }

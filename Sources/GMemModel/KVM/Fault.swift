@@ -78,35 +78,27 @@ extension Kernel {
         case .read(let n): (write, count) = (nil, n)
         case .write(let bytes): (write, count) = (bytes, UInt64(bytes.count))
         }
-        let (end, overflow) = access.gpa.addingReportingOverflow(count)
-        if overflow { return .exit(.shutdown) }
+        if access.gpa.addingReportingOverflow(count).overflow { return .exit(.shutdown) }
         var out: [UInt8] = []
-        var gpa = access.gpa
-        var done = 0
-        while gpa < end {
-            let gfn = gpa >> UAPI.pageShift
-            let inPage = Int(gpa & (UAPI.pageSize - 1))
-            let n = min(Int(UAPI.pageSize) - inPage, Int(end - gpa))
+        for c in PageChunks(start: access.gpa, count: count) {
             let pfn: UInt64
             do {
-                pfn = try stage2Page(vm: vm, gfn: gfn, write: write != nil, isPrivate: access.isPrivate)
+                pfn = try stage2Page(vm: vm, gfn: c.page, write: write != nil, isPrivate: access.isPrivate)
             } catch {
                 switch error {
                 case .memoryFault(let errno, let flags, let gfn):
                     return .failed(errno, .memoryFault(flags: flags, gpa: gfn << UAPI.pageShift, size: UAPI.pageSize))
                 case .emulate:
-                    return .exit(.mmio(gpa: gpa, length: 1, isWrite: write != nil))
+                    return .exit(.mmio(gpa: c.address, length: 1, isWrite: write != nil))
                 case .failed(let errno):
                     return .failed(errno, nil)
                 }
             }
             if let write {
-                phys.write(pfn, offset: inPage, write[done..<done + n])
+                phys.write(pfn, offset: c.offsetInPage, write[c.range])
             } else {
-                phys.read(pfn, offset: inPage, count: n, into: &out)
+                phys.read(pfn, offset: c.offsetInPage, count: c.length, into: &out)
             }
-            done += n
-            gpa += UInt64(n)
         }
         return .completed(out)
     }

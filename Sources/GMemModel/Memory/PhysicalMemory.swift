@@ -83,3 +83,41 @@ struct PhysicalMemory: Hashable {
     /// Frames currently allocated.
     var allocatedFrames: Int { frames.count }
 }
+
+/// The pieces of `[start, start + count)` cut at page boundaries, in order: how every
+/// copy loop in the model (host memcpy, guest access, shmem read/write) walks memory.
+/// The caller checks that the range does not wrap.
+struct PageChunks: Sequence, IteratorProtocol {
+    struct Chunk {
+        /// Address (or file offset) of the chunk's first byte.
+        var address: UInt64
+        /// The page's number (address >> PAGE_SHIFT).
+        var page: UInt64 { address >> UAPI.pageShift }
+        /// Offset of the chunk within its page.
+        var offsetInPage: Int
+        var length: Int
+        /// Bytes before this chunk.
+        var done: Int
+        var range: Range<Int> { done..<done + length }
+    }
+
+    private var address: UInt64
+    private let end: UInt64
+    private var done = 0
+
+    init(start: UInt64, count: UInt64) {
+        address = start
+        end = start &+ count
+    }
+
+    mutating func next() -> Chunk? {
+        guard address < end else { return nil }
+        let inPage = Int(address & (UAPI.pageSize - 1))
+        let n = Swift.min(Int(UAPI.pageSize) - inPage, Int(end - address))
+        defer {
+            address += UInt64(n)
+            done += n
+        }
+        return Chunk(address: address, offsetInPage: inPage, length: n, done: done)
+    }
+}
