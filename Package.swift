@@ -20,6 +20,7 @@ let package = Package(
         .library(name: "GMemBackend", targets: ["GMemBackend"]),
         .library(name: "GMemModel", targets: ["GMemModel"]),
         .library(name: "GMemScenario", targets: ["GMemScenario"]),
+        .library(name: "GMemKernel", targets: ["GMemKernel"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -29,17 +30,24 @@ let package = Package(
         .target(name: "GMemBackend", swiftSettings: swift6),
         .target(name: "GMemModel", dependencies: ["GMemBackend"], swiftSettings: swift6),
         .target(name: "GMemScenario", dependencies: ["GMemBackend"], swiftSettings: swift6),
+        // Linux only: ioctl numbers, uapi structs, variadic calls and signal-safe probes in C,
+        // and the kernel backend in Swift over them.
+        .target(name: "CKVM", cSettings: [.define("_GNU_SOURCE")]),
+        .target(
+            name: "GMemKernel",
+            dependencies: ["GMemBackend", .target(name: "CKVM", condition: .when(platforms: [.linux]))],
+            swiftSettings: swift6),
         .executableTarget(
             name: "gmem",
             dependencies: [
-                "GMemBackend", "GMemModel", "GMemScenario",
+                "GMemBackend", "GMemModel", "GMemScenario", "GMemKernel",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: swift6),
         .testTarget(
             name: "GuestMemfdTests",
             dependencies: [
-                "GMemBackend", "GMemModel", "GMemScenario",
+                "GMemBackend", "GMemModel", "GMemScenario", "GMemKernel",
                 .product(name: "PropertyBased", package: "swift-property-based"),
             ],
             swiftSettings: swift6),

@@ -141,6 +141,19 @@ public enum BackendError: Error, Hashable, Sendable {
     case unsupported(String)
 }
 
+/// Host features a scenario can require (its top-level `requires`). A backend that
+/// lacks one skips the scenario, saying why.
+public enum Feature: String, CaseIterable, Sendable {
+    /// KVM_CREATE_VM accepts KVM_X86_SW_PROTECTED_VM.
+    case swProtected = "sw_protected"
+    /// KVM_SET_MEMORY_ATTRIBUTES exists and supports PRIVATE.
+    case memoryAttributes = "memory_attributes"
+    /// KVM_PRE_FAULT_MEMORY works (two-dimensional paging).
+    case preFaultMemory = "pre_fault_memory"
+    /// Pages can be poisoned on purpose (memory_failure).
+    case memoryFailure = "memory_failure"
+}
+
 /// The operations a VMM performs on KVM and guest_memfd: one protocol, implemented
 /// by the model and by the kernel backend. Scenario runs, the VMM side and the tests
 /// talk only to this protocol.
@@ -149,6 +162,9 @@ public enum BackendError: Error, Hashable, Sendable {
 public protocol Backend: AnyObject {
     /// "model" or "kernel".
     var name: String { get }
+
+    /// Why this backend lacks `feature`, or nil when it has it.
+    func missing(_ feature: Feature) -> String?
 
     /// KVM_CHECK_EXTENSION on /dev/kvm (`fd` nil) or on a VM fd.
     func checkExtension(on fd: FD?, _ cap: Capability) throws(BackendError) -> UInt64

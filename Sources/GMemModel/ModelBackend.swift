@@ -10,6 +10,20 @@ public final class ModelBackend: Backend {
         kernel = Kernel(config: config)
     }
 
+    public func missing(_ feature: Feature) -> String? {
+        let c = kernel.config
+        switch feature {
+        case .swProtected:
+            return c.supportedVMTypes & 2 == 0 ? "the modelled host has no sw_protected VMs (--model-config)" : nil
+        case .memoryAttributes:
+            return c.memoryAttributesIoctl ? nil : "the modelled host has no KVM_SET_MEMORY_ATTRIBUTES (--model-config)"
+        case .preFaultMemory:
+            return c.tdp ? nil : "the modelled host uses shadow paging: no KVM_PRE_FAULT_MEMORY (--model-config)"
+        case .memoryFailure:
+            return nil
+        }
+    }
+
     @inline(__always)
     private func run<T>(_ body: (inout Kernel) throws(Errno) -> T) throws(BackendError) -> T {
         do {

@@ -21,6 +21,12 @@ public struct StepReport: Hashable, Sendable {
     public var backend: String
 }
 
+extension StepReport {
+    static func skipped(_ step: Step, _ why: String, backend: String) -> StepReport {
+        StepReport(index: step.index, op: step.opName, status: .skipped, observation: nil, message: why, backend: backend)
+    }
+}
+
 /// Totals over steps.
 public struct Summary: Hashable, Sendable {
     public var passed = 0
@@ -59,20 +65,32 @@ public final class ScenarioRunner {
         self.backend = backend
     }
 
-    /// Runs every step of `scenario`, calling `report` after each.
+    /// Runs every step of `scenario`, calling `report` after each. A scenario that
+    /// requires a feature the backend lacks has every step skipped with the reason.
     public func run(_ scenario: Scenario, report: (StepReport) -> Void) -> Summary {
         var summary = Summary()
+        let lacking = Self.lacking(scenario, on: [backend])
         for step in scenario.steps {
-            let r = run(step)
+            let r = lacking.map { StepReport.skipped(step, $0, backend: backend.name) } ?? run(step)
             summary.add(r)
             report(r)
         }
         return summary
     }
 
+    /// Why one of `backends` cannot run `scenario`, or nil.
+    static func lacking(_ scenario: Scenario, on backends: [any Backend]) -> String? {
+        for f in scenario.requires {
+            for b in backends {
+                if let why = b.missing(f) { return "requires \(f.rawValue): \(b.name): \(why)" }
+            }
+        }
+        return nil
+    }
+
     struct Skip: Error { var reason: String }
 
-    func run(_ step: Step) -> StepReport {
+    public func run(_ step: Step) -> StepReport {
         let observation: Observation
         do {
             observation = try execute(step)

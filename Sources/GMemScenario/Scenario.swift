@@ -121,6 +121,8 @@ public struct Scenario: Hashable, Sendable {
     public var file: String
     public var name: String
     public var description: String?
+    /// Host features the scenario needs; a backend without them skips it.
+    public var requires: [Feature] = []
     public var steps: [Step]
 }
 

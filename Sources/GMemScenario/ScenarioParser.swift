@@ -29,8 +29,8 @@ public enum ScenarioParser {
         guard case .object(let top) = json else {
             throw ScenarioError(file: file, message: "expected a JSON object with \"name\" and \"steps\"")
         }
-        for key in top.keys where !["name", "description", "steps", "comment"].contains(key) {
-            throw ScenarioError(file: file, field: key, message: "unknown top-level field (expected name, description, steps)")
+        for key in top.keys where !["name", "description", "requires", "steps", "comment"].contains(key) {
+            throw ScenarioError(file: file, field: key, message: "unknown top-level field (expected name, description, requires, steps)")
         }
         guard case .string(let name)? = top["name"] else {
             throw ScenarioError(file: file, field: "name", message: "missing or not a string")
@@ -39,6 +39,19 @@ public enum ScenarioParser {
         if let d = top["description"] {
             guard case .string(let s) = d else { throw ScenarioError(file: file, field: "description", message: "expected a string") }
             description = s
+        }
+        var requires: [Feature] = []
+        if let r = top["requires"] {
+            let known = Feature.allCases.map(\.rawValue).joined(separator: ", ")
+            guard case .array(let items) = r else {
+                throw ScenarioError(file: file, field: "requires", message: "expected a list of features (\(known))")
+            }
+            for item in items {
+                guard case .string(let s) = item, let f = Feature(rawValue: s) else {
+                    throw ScenarioError(file: file, field: "requires", message: "unknown feature \(item.rendered) (expected \(known))")
+                }
+                requires.append(f)
+            }
         }
         guard case .array(let rawSteps)? = top["steps"] else {
             throw ScenarioError(file: file, field: "steps", message: "missing or not an array of steps")
@@ -59,7 +72,7 @@ public enum ScenarioParser {
             }
             steps.append(step)
         }
-        return Scenario(file: file, name: name, description: description, steps: steps)
+        return Scenario(file: file, name: name, description: description, requires: requires, steps: steps)
     }
 }
 

@@ -1,5 +1,6 @@
 import ArgumentParser
 import GMemBackend
+import GMemKernel
 import GMemModel
 import GMemScenario
 
@@ -39,15 +40,64 @@ struct BackendOptions: ParsableArguments {
     @Option(name: .customLong("model-config"), help: "What the model's host offers: mainline (x86, TDP, sw_protected VMs) or pvm-host (this project's hosts).")
     var modelConfig: ModelProfile = .mainline
 
-    /// The backend to run on, or exit 3 saying why it is unavailable.
-    func makeBackend() throws -> any Backend {
+    /// Something that runs scenarios: one backend, or two compared step by step.
+    struct Executor {
+        var name: String
+        var run: (Scenario, (StepReport) -> Void) -> Summary
+    }
+
+    /// A fresh executor for one scenario, or exit 3 saying why the backend is unavailable.
+    func makeExecutor() throws -> Executor {
         switch backend {
         case .model:
-            return ModelBackend(config: modelConfig.config)
-        case .kernel, .both:
-            emitError("gmem: backend '\(backend.rawValue)' is unavailable: this build has no kernel backend yet (it runs the model only)")
+            let r = ScenarioRunner(backend: ModelBackend(config: modelConfig.config))
+            return Executor(name: "model") { r.run($0, report: $1) }
+        case .kernel:
+            let r = ScenarioRunner(backend: try kernelBackend())
+            return Executor(name: "kernel") { r.run($0, report: $1) }
+        case .both:
+            let kernel = try kernelBackend()
+            let model = ModelBackend(config: modelConfigMatching(kernel))
+            let d = DifferentialRunner(model, kernel)
+            return Executor(name: d.name) { d.run($0, report: $1) }
+        }
+    }
+
+    /// With `both`, the model stands for the host it is compared with (unless
+    /// --model-config was given): same VM types, attributes and paging mode.
+    func modelConfigMatching(_ kernel: any Backend) -> ModelConfig {
+        #if os(Linux)
+        if !modelConfigGiven, let k = kernel as? KernelBackend {
+            let p = k.hostProfile
+            var c = ModelConfig.mainline
+            c.supportedVMTypes = p.vmTypes
+            c.memoryAttributesIoctl = p.memoryAttributes
+            c.tdp = p.tdp
+            return c
+        }
+        #endif
+        return modelConfig.config
+    }
+
+    var modelConfigGiven: Bool { CommandLine.arguments.contains { $0.hasPrefix("--model-config") } }
+
+    /// The kernel backend, or exit 3 saying why /dev/kvm cannot be used.
+    func kernelBackend() throws -> any Backend {
+        #if os(Linux)
+        do {
+            return try KernelBackend()
+        } catch {
+            if case .unsupported(let why) = error {
+                emitError("gmem: the kernel backend is unavailable: \(why)")
+            } else {
+                emitError("gmem: the kernel backend is unavailable: \(error)")
+            }
             throw ExitCode(3)
         }
+        #else
+        emitError("gmem: the kernel backend needs Linux and /dev/kvm")
+        throw ExitCode(3)
+        #endif
     }
 }
 
@@ -55,8 +105,9 @@ struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run scenario files and check every expectation.",
         discussion: """
-            Exit status: 0 every expectation held; 1 an expectation failed; 2 a file is not \
-            a valid scenario; 3 the backend is unavailable. A directory runs its *.json files.
+            Exit status: 0 every expectation held; 1 an expectation failed or (with both) the \
+            backends disagreed; 2 a file is not a valid scenario; 3 the backend is unavailable. \
+            A directory runs its *.json files.
             """)
 
     @OptionGroup var options: BackendOptions
@@ -88,16 +139,16 @@ struct Run: ParsableCommand {
             }
         }
         if invalid { throw ExitCode(2) }
-        var reporter = Reporter(json: json)
+        let reporter = Reporter(json: json)
         reporter.verbose = !quiet
         var total = Summary()
         for scenario in scenarios {
             // Each scenario starts from a fresh system.
-            let runner = ScenarioRunner(backend: try options.makeBackend())
-            reporter.header(scenario, backend: runner.backend.name)
+            let executor = try options.makeExecutor()
+            reporter.header(scenario, backend: executor.name)
             var stepsByIndex: [Int: Step] = [:]
             for s in scenario.steps { stepsByIndex[s.index] = s }
-            let summary = runner.run(scenario) { r in reporter.step(r, stepsByIndex[r.index]!, file: scenario.file) }
+            let summary = executor.run(scenario) { r in reporter.step(r, stepsByIndex[r.index]!, file: scenario.file) }
             reporter.fileSummary(scenario, summary)
             total.add(summary)
         }
@@ -131,11 +182,11 @@ struct Tour: ParsableCommand {
                 emitError("gmem: bundled scenario is invalid: \(error)")
                 throw ExitCode(2)
             }
-            let runner = ScenarioRunner(backend: try options.makeBackend())
-            reporter.header(scenario, backend: runner.backend.name)
+            let executor = try options.makeExecutor()
+            reporter.header(scenario, backend: executor.name)
             var stepsByIndex: [Int: Step] = [:]
             for s in scenario.steps { stepsByIndex[s.index] = s }
-            let summary = runner.run(scenario) { r in reporter.step(r, stepsByIndex[r.index]!, file: file) }
+            let summary = executor.run(scenario) { r in reporter.step(r, stepsByIndex[r.index]!, file: file) }
             reporter.fileSummary(scenario, summary)
             total.add(summary)
         }

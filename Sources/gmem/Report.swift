@@ -2,9 +2,12 @@ import GMemBackend
 import GMemScenario
 
 /// Prints step reports as people read them, or as JSON lines.
-struct Reporter {
+final class Reporter {
     var json: Bool
     var verbose = true
+    private var lastSkip: String?
+
+    init(json: Bool) { self.json = json }
 
     func header(_ scenario: Scenario, backend: String) {
         guard !json else { return }
@@ -40,8 +43,10 @@ struct Reporter {
         switch r.status {
         case .passed: break
         case .failed: emit("      FAIL: " + (r.message ?? ""))
-        case .skipped: emit("      skipped: " + (r.message ?? ""))
+        case .skipped:
+            if r.message != lastSkip { emit("      skipped: " + (r.message ?? "")) }
         }
+        lastSkip = r.status == .skipped ? r.message : nil
     }
 
     func fileSummary(_ scenario: Scenario, _ s: Summary) {

@@ -42,8 +42,10 @@ extension Kernel {
             do {
                 pfn = try hostFault(vpn: vpn, write: write)
             } catch {
-                // GUP failed: kvm_handle_error_pfn() exits with EFAULT.
-                throw .memoryFault(.EFAULT, flags: flags, gfn: gfn)
+                // GUP failed: kvm_handle_error_pfn() returns -EFAULT without filling in
+                // a memory-fault exit (measured: exit_reason stays 0). Only
+                // guest_memfd and private/shared mismatches report one.
+                throw .failed(.EFAULT)
             }
             writable = !slot.isReadonly && (mm.ptes[vpn]?.writable ?? false)
         }

@@ -1,0 +1,446 @@
+#if os(Linux)
+import CKVM
+import GMemBackend
+import Glibc
+
+/// The Backend protocol on the host's real /dev/kvm and guest_memfd.
+///
+/// Every call is the syscall or ioctl of the same name; errnos are the kernel's.
+/// Guest accesses run real guest code on a real vCPU (see `GuestHarness`).
+/// Raw fd numbers from a scenario that this backend did not hand out are replaced by
+/// -1 (always EBADF), so a scenario can never reach the backend's own descriptors.
+public final class KernelBackend: Backend {
+    public let name = "kernel"
+    let kvm: Int32
+    let runSize: Int
+    /// Descriptors this backend handed out (VMs, vCPUs, guest_memfds, memfds).
+    private var handedOut: Set<Int32> = []
+    private var vcpus: [Int32: VCPU] = [:]
+    /// The harness of each VM that has run guest code, by the scenario's VM fd,
+    /// for the reservation checks; the vCPUs own the harnesses.
+    private var harnessByVM: [Int32: GuestHarness] = [:]
+    /// Memslot ids in use per VM fd (successful region calls), to pick a free one
+    /// for the harness.
+    private var slotsInUse: [Int32: Set<UInt32>] = [:]
+    /// Per-access time limit for a guest that never exits.
+    public var guestTimeoutMS: UInt32 = 2000
+
+    final class VCPU {
+        let fd: Int32
+        /// A dup of the VM fd, so the harness can add its memslot after the
+        /// scenario closed its own VM fd.
+        let vmFD: Int32
+        let vmKey: Int32
+        let run: UnsafeMutableRawPointer
+        let runSize: Int
+        var configured = false
+        var harness: GuestHarness?
+        init(fd: Int32, vmFD: Int32, vmKey: Int32, run: UnsafeMutableRawPointer, runSize: Int) {
+            self.fd = fd
+            self.vmFD = vmFD
+            self.vmKey = vmKey
+            self.run = run
+            self.runSize = runSize
+        }
+        deinit {
+            _ = ckvm_munmap(UInt64(UInt(bitPattern: run)), UInt64(runSize))
+            _ = ckvm_close(vmFD)
+        }
+        var exitReason: UInt32 { run.load(fromByteOffset: 8, as: UInt32.self) }
+        var exitUnion: UnsafeMutableRawPointer { run + ckvm_run_exit_union_offset() }
+        var immediateExit: UInt8 {
+            get { run.load(fromByteOffset: 1, as: UInt8.self) }
+            set { run.storeBytes(of: newValue, toByteOffset: 1, as: UInt8.self) }
+        }
+    }
+
+    /// Why /dev/kvm cannot be used here, or nil if it can.
+    public static func unavailableReason() -> String? {
+        let fd = ckvm_open_rdwr("/dev/kvm")
+        if fd < 0 { return "cannot open /dev/kvm: \(String(cString: strerror(-fd)))" }
+        defer { _ = ckvm_close(fd) }
+        let version = ckvm_ioctl_val(fd, CKVM_GET_API_VERSION, 0)
+        if version != 12 { return "KVM_GET_API_VERSION returned \(version), expected 12" }
+        if ckvm_ioctl_val(fd, CKVM_CHECK_EXTENSION, UInt(Capability.guestMemfd.number)) <= 0 {
+            return "this kernel has no guest_memfd (KVM_CAP_GUEST_MEMFD is 0)"
+        }
+        return nil
+    }
+
+    public init() throws(BackendError) {
+        if let why = Self.unavailableReason() { throw .unsupported(why) }
+        kvm = ckvm_open_rdwr("/dev/kvm")
+        runSize = Int(try check(ckvm_ioctl_val(kvm, CKVM_GET_VCPU_MMAP_SIZE, 0)))
+    }
+
+    deinit {
+        vcpus.removeAll()
+        harnessByVM.removeAll()
+        for fd in handedOut { _ = ckvm_close(fd) }
+        _ = ckvm_close(kvm)
+    }
+
+    /// The VM types this kernel accepts, whether it has memory attributes and TDP:
+    /// what a model needs to stand for this host.
+    public var hostProfile: (vmTypes: UInt64, memoryAttributes: Bool, tdp: Bool) {
+        (max(capability(.vmTypes), 1), capability(.memoryAttributes) != 0, capability(.preFaultMemory) != 0)
+    }
+
+    /// A capability of /dev/kvm, or 0 where the kernel does not know it.
+    public func capability(_ cap: Capability) -> UInt64 {
+        let r = ckvm_ioctl_val(kvm, CKVM_CHECK_EXTENSION, UInt(cap.number))
+        return r < 0 ? 0 : UInt64(r)
+    }
+
+    public func missing(_ feature: Feature) -> String? {
+        switch feature {
+        case .swProtected:
+            return capability(.vmTypes) & 2 == 0 ? "this kernel's KVM_CAP_VM_TYPES lacks KVM_X86_SW_PROTECTED_VM" : nil
+        case .memoryAttributes:
+            return capability(.memoryAttributes) & UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE == 0
+                ? "this kernel has no KVM_SET_MEMORY_ATTRIBUTES with PRIVATE (KVM_CAP_MEMORY_ATTRIBUTES is 0)" : nil
+        case .preFaultMemory:
+            return capability(.preFaultMemory) == 0 ? "KVM_CAP_PRE_FAULT_MEMORY is 0 (shadow paging)" : nil
+        case .memoryFailure:
+            return "memory_failure would poison a real page of this host (MADV_HWPOISON); it runs on the model only"
+        }
+    }
+
+    /// The real descriptor for a scenario fd: itself if this backend handed it out,
+    /// else -1.
+    private func real(_ fd: FD) -> Int32 { handedOut.contains(fd.raw) ? fd.raw : -1 }
+
+    private func adopt(_ r: some BinaryInteger) throws(BackendError) -> FD {
+        let fd = Int32(try check(r))
+        handedOut.insert(fd)
+        return FD(fd)
+    }
+
+    // MARK: KVM
+
+    public func checkExtension(on fd: FD?, _ cap: Capability) throws(BackendError) -> UInt64 {
+        let target = fd.map(real) ?? kvm
+        return UInt64(try check(ckvm_ioctl_val(target, CKVM_CHECK_EXTENSION, UInt(cap.number))))
+    }
+
+    public func createVM(type: UInt64) throws(BackendError) -> FD {
+        let fd = try adopt(ckvm_ioctl_val(kvm, CKVM_CREATE_VM, UInt(truncatingIfNeeded: type)))
+        slotsInUse[fd.raw] = []
+        return fd
+    }
+
+    public func createVCPU(vm: FD, id: UInt32) throws(BackendError) -> FD {
+        let vmFD = real(vm)
+        let fd = try adopt(ckvm_ioctl_val(vmFD, CKVM_CREATE_VCPU, UInt(id)))
+        let addr = try check(ckvm_mmap(nil, UInt64(runSize), PROT_READ | PROT_WRITE, MAP_SHARED, fd.raw, 0))
+        let p = UnsafeMutableRawPointer(bitPattern: addr)!
+        let dup = Glibc.dup(vmFD)
+        vcpus[fd.raw] = VCPU(fd: fd.raw, vmFD: dup, vmKey: vmFD, run: p, runSize: runSize)
+        return fd
+    }
+
+    public func createGuestMemfd(on fd: FD, size: UInt64, flags: UInt64) throws(BackendError) -> FD {
+        var args = ckvm_create_guest_memfd()
+        args.size = size
+        args.flags = flags
+        return try adopt(ckvm_ioctl_ptr(real(fd), CKVM_CREATE_GUEST_MEMFD, &args))
+    }
+
+    public func memfdCreate(size: UInt64) throws(BackendError) -> FD {
+        try adopt(ckvm_memfd_create("gmem-scenario", size))
+    }
+
+    public func close(_ fd: FD) throws(BackendError) {
+        let r = real(fd)
+        try check(ckvm_close(r))
+        handedOut.remove(r)
+        vcpus[r] = nil
+        // The fd number may be reused by another VM; the harness lives on in its vCPUs.
+        harnessByVM[r] = nil
+    }
+
+    // MARK: Files
+
+    public func fstat(_ fd: FD) throws(BackendError) -> FileStat {
+        var st = ckvm_stat()
+        try check(ckvm_fstat(real(fd), &st))
+        return FileStat(size: st.size, blksize: st.blksize, blocks: st.blocks, inode: st.ino)
+    }
+
+    public func read(_ fd: FD, count: UInt64) throws(BackendError) -> [UInt8] {
+        try readInto(count) { buf throws(BackendError) in try check(ckvm_read(real(fd), buf, count)) }
+    }
+
+    public func pread(_ fd: FD, count: UInt64, offset: UInt64) throws(BackendError) -> [UInt8] {
+        try readInto(count) { buf throws(BackendError) in try check(ckvm_pread(real(fd), buf, count, offset)) }
+    }
+
+    private func readInto(_ count: UInt64, _ body: (UnsafeMutableRawPointer) throws(BackendError) -> Int64)
+        throws(BackendError) -> [UInt8]
+    {
+        guard count <= 1 << 30 else { throw .unsupported("reads over 1 GiB are not buffered by the kernel backend") }
+        var out = [UInt8](repeating: 0, count: Int(count))
+        var n: Int64 = 0
+        var failure: BackendError?
+        out.withUnsafeMutableBytes { raw in
+            do throws(BackendError) {
+                n = try body(raw.baseAddress ?? UnsafeMutableRawPointer(bitPattern: 1)!)
+            } catch {
+                failure = error
+            }
+        }
+        if let failure { throw failure }
+        return Array(out.prefix(Int(n)))
+    }
+
+    public func write(_ fd: FD, _ bytes: [UInt8]) throws(BackendError) -> UInt64 {
+        UInt64(try check(bytes.withUnsafeBytes { ckvm_write(real(fd), $0.baseAddress, UInt64($0.count)) }))
+    }
+
+    public func pwrite(_ fd: FD, _ bytes: [UInt8], offset: UInt64) throws(BackendError) -> UInt64 {
+        UInt64(try check(bytes.withUnsafeBytes { ckvm_pwrite(real(fd), $0.baseAddress, UInt64($0.count), offset) }))
+    }
+
+    public func lseek(_ fd: FD, offset: Int64, whence: Int32) throws(BackendError) -> UInt64 {
+        UInt64(try check(ckvm_lseek(real(fd), offset, whence)))
+    }
+
+    public func ftruncate(_ fd: FD, size: UInt64) throws(BackendError) {
+        try check(ckvm_ftruncate(real(fd), size))
+    }
+
+    public func fallocate(_ fd: FD, mode: UInt32, offset: UInt64, length: UInt64) throws(BackendError) {
+        try check(ckvm_fallocate(real(fd), Int32(bitPattern: mode), offset, length))
+    }
+
+    // MARK: Host memory
+
+    public func mmap(fd: FD?, offset: UInt64, length: UInt64, prot: Protection, shared: Bool) throws(BackendError)
+        -> Mapping
+    {
+        var flags = shared ? MAP_SHARED : MAP_PRIVATE
+        if fd == nil { flags |= MAP_ANONYMOUS | MAP_NORESERVE }
+        let addr = ckvm_mmap(nil, length, Int32(prot.rawValue), flags, fd.map(real) ?? -1, offset)
+        try check(addr)
+        return Mapping(address: UInt64(UInt(bitPattern: addr)), length: length)
+    }
+
+    public func munmap(_ mapping: Mapping) throws(BackendError) {
+        try check(ckvm_munmap(mapping.address, mapping.length))
+    }
+
+    public func hostWrite(address: UInt64, bytes: [UInt8]) throws(BackendError) -> HostAccess {
+        guard let dst = UnsafeMutableRawPointer(bitPattern: UInt(address)) else { return .sigsegv(address: address) }
+        var fault: UInt64 = 0
+        let signo = bytes.withUnsafeBytes { ckvm_probe_copy(dst, $0.baseAddress, UInt64($0.count), &fault) }
+        return Self.hostOutcome(signo, fault, [])
+    }
+
+    public func hostRead(address: UInt64, count: UInt64) throws(BackendError) -> HostAccess {
+        guard count <= 1 << 30 else { throw .unsupported("host reads over 1 GiB are not buffered by the kernel backend") }
+        guard let src = UnsafeRawPointer(bitPattern: UInt(address)) else { return .sigsegv(address: address) }
+        var out = [UInt8](repeating: 0, count: Int(count))
+        var fault: UInt64 = 0
+        let signo = out.withUnsafeMutableBytes { ckvm_probe_copy($0.baseAddress, src, count, &fault) }
+        return Self.hostOutcome(signo, fault, out)
+    }
+
+    static func hostOutcome(_ signo: Int32, _ fault: UInt64, _ bytes: [UInt8]) -> HostAccess {
+        switch signo {
+        case 0: .completed(bytes)
+        case SIGBUS: .sigbus(address: fault)
+        default: .sigsegv(address: fault)
+        }
+    }
+
+    // MARK: Memslots and attributes
+
+    public func setUserMemoryRegion2(vm: FD, _ region: UserMemoryRegion2) throws(BackendError) {
+        try setRegion(vm: vm, region, request: CKVM_SET_USER_MEMORY_REGION2)
+    }
+
+    public func setUserMemoryRegion(vm: FD, _ region: UserMemoryRegion2) throws(BackendError) {
+        try setRegion(vm: vm, region, request: CKVM_SET_USER_MEMORY_REGION)
+    }
+
+    private func setRegion(vm: FD, _ region: UserMemoryRegion2, request: UInt) throws(BackendError) {
+        let vmFD = real(vm)
+        if let h = harnessByVM[vmFD] {
+            if region.slot == h.slot {
+                throw .unsupported("memslot \(h.slot) holds the kernel backend's guest harness in this VM")
+            }
+            if region.memorySize != 0 && region.guestPhysAddr < GuestHarness.size {
+                throw .unsupported("GPA [0, 32 MiB) is the kernel backend's guest harness in this VM")
+            }
+        }
+        var r = ckvm_userspace_memory_region2()
+        r.slot = region.slot
+        r.flags = region.flags
+        r.guest_phys_addr = region.guestPhysAddr
+        r.memory_size = region.memorySize
+        r.userspace_addr = region.userspaceAddr
+        r.guest_memfd_offset = region.guestMemfdOffset
+        r.guest_memfd = region.guestMemfd <= UInt32(Int32.max) && !handedOut.contains(Int32(region.guestMemfd))
+            ? UInt32.max : region.guestMemfd
+        try check(ckvm_ioctl_ptr(vmFD, request, &r))
+        if region.memorySize == 0 {
+            slotsInUse[vmFD]?.remove(region.slot)
+        } else {
+            slotsInUse[vmFD, default: []].insert(region.slot)
+        }
+    }
+
+    public func setMemoryAttributes(vm: FD, address: UInt64, size: UInt64, attributes: UInt64, flags: UInt64)
+        throws(BackendError)
+    {
+        var a = ckvm_memory_attributes()
+        a.address = address
+        a.size = size
+        a.attributes = attributes
+        a.flags = flags
+        try check(ckvm_ioctl_ptr(real(vm), CKVM_SET_MEMORY_ATTRIBUTES, &a))
+    }
+
+    // MARK: Guest accesses
+
+    /// The harness of the vCPU's VM, created at its first guest access.
+    private func harness(for v: VCPU) throws(BackendError) -> GuestHarness {
+        if let h = v.harness { return h }
+        if let h = harnessByVM[v.vmKey] {
+            v.harness = h
+            return h
+        }
+        let used = slotsInUse[v.vmKey] ?? []
+        guard let slot = (UInt32(0)..<UAPI.KVM_USER_MEM_SLOTS).reversed().first(where: { !used.contains($0) }) else {
+            throw .unsupported("no free memslot for the guest harness")
+        }
+        let h: GuestHarness
+        do {
+            h = try GuestHarness(vmFD: v.vmFD, slot: slot)
+        } catch .errno(let e) where e == .EEXIST {
+            throw .unsupported("GPA [0, 32 MiB) is taken by the scenario's memslots; the guest harness needs it")
+        }
+        v.harness = h
+        harnessByVM[v.vmKey] = h
+        return h
+    }
+
+    public func guestAccess(vcpu: FD, _ access: GuestAccess) throws(BackendError) -> GuestOutcome {
+        guard let v = vcpus[real(vcpu)] else {
+            // Not a vCPU this backend made: let KVM_RUN say what it says.
+            try check(ckvm_ioctl_val(real(vcpu), CKVM_RUN, 0))
+            throw .unsupported("KVM_RUN on a descriptor that is not one of this backend's vCPUs")
+        }
+        if access.isPrivate != nil {
+            throw .unsupported("this host's VMs decide private/shared from memory attributes; `private` needs a platform with a shared-GPA bit")
+        }
+        let count: UInt64
+        switch access.kind {
+        case .read(let n): count = n
+        case .write(let b): count = UInt64(b.count)
+        }
+        let (end, overflow) = access.gpa.addingReportingOverflow(count)
+        guard !overflow, end <= GuestHarness.mappableLimit else {
+            throw .unsupported("the guest harness identity-maps GPAs below 2^47 only")
+        }
+        let h = try harness(for: v)
+        if access.gpa < GuestHarness.size && count > 0 {
+            throw .unsupported("GPA [0, 32 MiB) is the kernel backend's guest harness")
+        }
+        if !v.configured {
+            try GuestHarness.configure(vcpuFD: v.fd, kvmFD: kvm)
+            v.configured = true
+        }
+        guard h.ensureMapped((access.gpa >> 30)..<((end + (1 << 30) - 1) >> 30)) else {
+            throw .unsupported("the guest harness ran out of page-table pages")
+        }
+        var out: [UInt8] = []
+        var done: UInt64 = 0
+        while done < count || count == 0 {
+            let n = min(count - done, GuestHarness.bounceCapacity)
+            let bounceGPA = GuestHarness.bounce.lowerBound
+            let gpa = access.gpa + done
+            if case .write(let bytes) = access.kind {
+                bytes.withUnsafeBytes { src in
+                    h.bounceBuffer.copyMemory(from: src.baseAddress! + Int(done), byteCount: Int(n))
+                }
+                try GuestHarness.setRegisters(vcpuFD: v.fd, source: bounceGPA, destination: gpa, count: n)
+            } else {
+                try GuestHarness.setRegisters(vcpuFD: v.fd, source: gpa, destination: bounceGPA, count: n)
+            }
+            if let stop = try runToDone(v) { return stop }
+            if case .read = access.kind {
+                out.append(contentsOf: UnsafeRawBufferPointer(start: h.bounceBuffer, count: Int(n)))
+            }
+            done += n
+            if count == 0 { break }
+        }
+        return .completed(out)
+    }
+
+    /// Runs the vCPU until the copy loop reports done (nil) or something else
+    /// stops it (the outcome to report).
+    private func runToDone(_ v: VCPU) throws(BackendError) -> GuestOutcome? {
+        let r = ckvm_run(v.fd, guestTimeoutMS)
+        let reason = v.exitReason
+        if r < 0 {
+            let errno = Errno(rawValue: -r)
+            if errno == .EINTR {
+                return .failed(.EINTR, nil)  // the time limit stopped a guest that did not finish
+            }
+            if reason == 39 && (errno == .EFAULT || errno == .EHWPOISON) {
+                let mf = v.exitUnion.load(as: ckvm_memory_fault.self)
+                return .failed(errno, .memoryFault(flags: mf.flags, gpa: mf.gpa, size: mf.size))
+            }
+            return .failed(errno, nil)
+        }
+        switch reason {
+        case 2:  // KVM_EXIT_IO
+            let port = v.exitUnion.load(fromByteOffset: 2, as: UInt16.self)
+            completePendingExit(v)
+            if port == GuestHarness.donePort { return nil }
+            return .exit(.other(reason: reason))
+        case 6:  // KVM_EXIT_MMIO
+            let gpa = v.exitUnion.load(as: UInt64.self)
+            let len = v.exitUnion.load(fromByteOffset: 16, as: UInt32.self)
+            let isWrite = v.exitUnion.load(fromByteOffset: 20, as: UInt8.self) != 0
+            completePendingExit(v)
+            return .exit(.mmio(gpa: gpa, length: len, isWrite: isWrite))
+        case 8:
+            return .exit(.shutdown)
+        case 17:
+            return .exit(.internalError(suberror: v.exitUnion.load(as: UInt32.self)))
+        case 3:
+            let nr = v.exitUnion.load(as: UInt64.self)
+            let args = (0..<6).map { v.exitUnion.load(fromByteOffset: 8 + $0 * 8, as: UInt64.self) }
+            completePendingExit(v)
+            return .exit(.hypercall(nr: nr, args: args))
+        default:
+            return .exit(.other(reason: reason))
+        }
+    }
+
+    /// KVM completes an IO or MMIO exit at the next KVM_RUN; run once with
+    /// immediate_exit so that completion cannot land in the next access.
+    private func completePendingExit(_ v: VCPU) {
+        v.immediateExit = 1
+        _ = ckvm_run(v.fd, guestTimeoutMS)
+        v.immediateExit = 0
+    }
+
+    public func preFaultMemory(vcpu: FD, gpa: UInt64, size: UInt64, flags: UInt64) throws(BackendError)
+        -> (gpa: UInt64, size: UInt64)
+    {
+        var range = ckvm_pre_fault_memory()
+        range.gpa = gpa
+        range.size = size
+        range.flags = flags
+        try check(ckvm_ioctl_ptr(real(vcpu), CKVM_PRE_FAULT_MEMORY, &range))
+        return (range.gpa, range.size)
+    }
+
+    public func memoryFailure(fd: FD, offset: UInt64) throws(BackendError) {
+        throw .unsupported(missing(.memoryFailure)!)
+    }
+}
+#endif
