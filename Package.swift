@@ -48,6 +48,7 @@ let package = Package(
             name: "GuestMemfdTests",
             dependencies: [
                 "GMemBackend", "GMemModel", "GMemScenario", "GMemKernel",
+                .target(name: "CKVM", condition: .when(platforms: [.linux])),
                 .product(name: "PropertyBased", package: "swift-property-based"),
             ],
             swiftSettings: swift6),

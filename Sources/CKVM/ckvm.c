@@ -197,10 +197,17 @@ int ckvm_run(int vcpu_fd, unsigned timeout_ms) {
     its.it_value.tv_nsec = (long)(timeout_ms % 1000) * 1000000L;
     // Repeat, so a signal that lands just before the ioctl is not the only one.
     its.it_interval.tv_nsec = 50 * 1000000L;
+    // Threads from a pool (dispatch, the test runner) block most signals; a blocked
+    // timer signal would never interrupt KVM_RUN. Unblock it for the call.
+    sigset_t timer_only, saved;
+    sigemptyset(&timer_only);
+    sigaddset(&timer_only, SIGRTMIN + 1);
+    pthread_sigmask(SIG_UNBLOCK, &timer_only, &saved);
     timer_settime(timer, 0, &its, NULL);
     int r = ioctl(vcpu_fd, KVM_RUN, 0);
     int e = errno;
     timer_delete(timer);
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
     return r < 0 ? -e : r;
 }
 

@@ -420,6 +420,23 @@ public final class KernelBackend: Backend {
         }
     }
 
+    /// Runs the vCPU from `rip` in the harness (for tests of what a broken guest
+    /// does, e.g. one that never exits): the outcome, after the time limit at most.
+    func runHarnessCode(vcpu: FD, rip: UInt64) throws(BackendError) -> GuestOutcome {
+        guard let v = vcpus[real(vcpu)] else { throw .errno(.EBADF) }
+        _ = try harness(for: v)
+        if !v.configured {
+            try GuestHarness.configure(vcpuFD: v.fd, kvmFD: kvm)
+            v.configured = true
+        }
+        var regs = kvm_regs()
+        regs.rip = rip
+        regs.rsp = GuestHarness.stackTop
+        regs.rflags = 0x3002
+        try check(ckvm_ioctl_ptr(v.fd, CKVM_SET_REGS, &regs))
+        return try runToDone(v) ?? .completed([])
+    }
+
     /// KVM completes an IO or MMIO exit at the next KVM_RUN; run once with
     /// immediate_exit so that completion cannot land in the next access.
     private func completePendingExit(_ v: VCPU) {

@@ -50,6 +50,7 @@ enum TourScenarios {
 {
   "name": "private-memory",
   "description": "On a VM with private memory (here sw_protected, the software stand-in for TDX and SEV-SNP) KVM_SET_MEMORY_ATTRIBUTES picks, per page, which of two pages the guest sees: the guest_memfd page (private) or the host's page behind userspace_addr (shared).",
+  "requires": ["sw_protected", "memory_attributes"],
   "steps": [
     {"op": "create_vm", "type": "sw_protected", "as": "vm"},
     {"op": "memfd_create", "size": "2M", "as": "shared"},
