@@ -27,6 +27,10 @@ final class GuestHarness {
     static let pageTablePool: Range<UInt64> = 0x10000..<0x100000
     static let bounce: Range<UInt64> = 0x200000..<size
     static let donePort: UInt16 = 0x10
+    /// A second program: the hypercall instruction, then `out 0x11` with RAX as the
+    /// hypercall's return value.
+    static let hypercallCode: UInt64 = codeBase + 0x20
+    static let hypercallPort: UInt16 = 0x11
     /// Identity mapping reaches the top of the canonical lower half.
     static let mappableLimit: UInt64 = 1 << 47
 
@@ -95,7 +99,24 @@ final class GuestHarness {
             0xeb, 0xfe,  // jmp $            (never reached: the VMM resets RIP)
         ]
         for (i, b) in code.enumerated() { memory.storeBytes(of: b, toByteOffset: Int(Self.codeBase) + i, as: UInt8.self) }
+        // VMMCALL on AMD, VMCALL on Intel (KVM patches the other one in anyway).
+        let hypercall: [UInt8] = (Self.isAMD ? [0x0f, 0x01, 0xd9] : [0x0f, 0x01, 0xc1]) + [0xe6, UInt8(Self.hypercallPort), 0xeb, 0xfe]
+        for (i, b) in hypercall.enumerated() {
+            memory.storeBytes(of: b, toByteOffset: Int(Self.hypercallCode) + i, as: UInt8.self)
+        }
     }
+
+    /// CPUID vendor "AuthenticAMD" (from /proc/cpuinfo, which needs no inline asm).
+    static let isAMD: Bool = {
+        guard let f = fopen("/proc/cpuinfo", "r") else { return false }
+        defer { fclose(f) }
+        var line = [CChar](repeating: 0, count: 256)
+        while fgets(&line, 256, f) != nil {
+            let text = String(cString: line)
+            if text.hasPrefix("vendor_id") { return text.contains("AuthenticAMD") || text.contains("HygonGenuine") }
+        }
+        return false
+    }()
 
     /// Makes the identity map cover the 1 GiB regions `gib` (region n is
     /// [n GiB, n+1 GiB)). Returns false when the table pool is exhausted.

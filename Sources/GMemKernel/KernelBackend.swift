@@ -422,7 +422,9 @@ public final class KernelBackend: Backend {
 
     /// Runs the vCPU from `rip` in the harness (for tests of what a broken guest
     /// does, e.g. one that never exits): the outcome, after the time limit at most.
-    func runHarnessCode(vcpu: FD, rip: UInt64) throws(BackendError) -> GuestOutcome {
+    func runHarnessCode(vcpu: FD, rip: UInt64, rax: UInt64 = 0, rbx: UInt64 = 0, rcx: UInt64 = 0, rdx: UInt64 = 0)
+        throws(BackendError) -> GuestOutcome
+    {
         guard let v = vcpus[real(vcpu)] else { throw .errno(.EBADF) }
         _ = try harness(for: v)
         if !v.configured {
@@ -433,8 +435,24 @@ public final class KernelBackend: Backend {
         regs.rip = rip
         regs.rsp = GuestHarness.stackTop
         regs.rflags = 0x3002
+        (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (rax, rbx, rcx, rdx)
         try check(ckvm_ioctl_ptr(v.fd, CKVM_SET_REGS, &regs))
         return try runToDone(v) ?? .completed([])
+    }
+
+    /// RAX of a vCPU this backend made.
+    func rax(vcpu: FD) throws(BackendError) -> UInt64 {
+        var regs = kvm_regs()
+        try check(ckvm_ioctl_ptr(real(vcpu), CKVM_GET_REGS, &regs))
+        return regs.rax
+    }
+
+    /// KVM_ENABLE_CAP on a VM.
+    func enableCap(vm: FD, _ cap: Capability, _ arg0: UInt64) throws(BackendError) {
+        var c = kvm_enable_cap()
+        c.cap = cap.number
+        c.args.0 = arg0
+        try check(ckvm_ioctl_ptr(real(vm), CKVM_ENABLE_CAP, &c))
     }
 
     /// KVM completes an IO or MMIO exit at the next KVM_RUN; run once with
