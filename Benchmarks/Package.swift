@@ -13,6 +13,7 @@ let package = Package(
             dependencies: [
                 .product(name: "GMemModel", package: "GuestMemfd"),
                 .product(name: "GMemBackend", package: "GuestMemfd"),
+                .product(name: "GMemKernel", package: "GuestMemfd"),
                 "CHeapStats",
             ],
             swiftSettings: [.swiftLanguageMode(.v6)]),

@@ -119,7 +119,7 @@ measure("set_memory_attributes on alternating 4K pages of 1 GiB", unit: "ns/rang
     }
     bytesPerRange = Double(heapInUse() - before) / attributeRanges
 }
-print(pad("  memory that attribute state takes", 56) + pad(fixed(bytesPerRange, 1), 11, right: true) + " bytes/range")
+if bytesPerRange != 0 { print(pad("  memory that attribute state takes", 56) + pad(fixed(bytesPerRange, 1), 11, right: true) + " bytes/range") }
 
 func guestFaultIn(_ name: String, write: Bool) {
     measure(name, unit: "ns/fault", scale: 1e9 / 65_536, setup: { () -> (Kernel, Int32) in
@@ -153,6 +153,8 @@ measure("host first touch of 1 GiB via mmap (262,144 faults)", unit: "ns/fault",
         addr += 4 * K
     }
 }
+
+sideBySide()
 
 if let only = getenv("GMEM_BENCH_ONLY").map({ String(cString: $0) }), !"baselines".contains(only) { exit(0) }
 print("")

@@ -221,6 +221,7 @@ extension Kernel {
     mutating func hostAccess(address: UInt64, count: UInt64, write bytes: [UInt8]?) -> HostAccess {
         if address.addingReportingOverflow(count).overflow { return .sigsegv(address: address) }
         var out: [UInt8] = []
+        if bytes == nil { out.reserveCapacity(Int(min(count, 1 << 30))) }
         for c in PageChunks(start: address, count: count) {
             let pfn: UInt64
             do {

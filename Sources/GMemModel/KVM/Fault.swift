@@ -82,6 +82,7 @@ extension Kernel {
         }
         if access.gpa.addingReportingOverflow(count).overflow { return .exit(.shutdown) }
         var out: [UInt8] = []
+        if write == nil { out.reserveCapacity(Int(min(count, 1 << 30))) }
         for c in PageChunks(start: access.gpa, count: count) {
             let pfn: UInt64
             do {

@@ -62,9 +62,12 @@ struct PhysicalMemory: Hashable {
         if let data = frames[pfn]!.data {
             out.append(contentsOf: data[offset..<offset + count])
         } else {
-            out.append(contentsOf: repeatElement(0, count: count))
+            out.append(contentsOf: Self.zeroPage[0..<count])
         }
     }
+
+    /// A page of zeros to copy from (a bulk copy, not a per-byte loop).
+    static let zeroPage = [UInt8](repeating: 0, count: pageSize)
 
     /// Copies `bytes` into the frame at `offset`.
     mutating func write(_ pfn: UInt64, offset: Int, _ bytes: ArraySlice<UInt8>) {
