@@ -215,6 +215,13 @@ public protocol Backend: AnyObject {
     /// KVM_PRE_FAULT_MEMORY; returns the updated (gpa, size) of the range not yet done.
     func preFaultMemory(vcpu: FD, gpa: UInt64, size: UInt64, flags: UInt64)
         throws(BackendError) -> (gpa: UInt64, size: UInt64)
+    /// KVM_ENABLE_CAP on a VM with one argument (args[0]).
+    func enableCap(vm: FD, _ cap: Capability, _ arg: UInt64) throws(BackendError)
+    /// Runs a guest program on a vCPU at CPL3. `handler` answers conversion requests
+    /// that reach the VMM (the doorbell; KVM_EXIT_HYPERCALL where KVM forwards it)
+    /// with the value the guest receives.
+    func runGuestProgram(vcpu: FD, _ program: GuestProgram, handler: (ConversionRequest) -> UInt64)
+        throws(BackendError) -> GuestProgramResult
     /// memory_failure() on the page of a guest_memfd at `offset` (hwpoison).
     func memoryFailure(fd: FD, offset: UInt64) throws(BackendError)
 }

@@ -31,6 +31,13 @@ final class GuestHarness {
     /// hypercall's return value.
     static let hypercallCode: UInt64 = codeBase + 0x20
     static let hypercallPort: UInt16 = 0x11
+    /// Guest programs (`compile`): code at programBase, their data in the bounce buffer.
+    static let programBase: UInt64 = 0x100000
+    static let programLimit: UInt64 = 0x200000
+    static let doorbellPort: UInt16 = 0x12
+    static let verifyPort: UInt16 = 0x13
+    static let reportPort: UInt16 = 0x14
+    static let hypercallReturnPort: UInt16 = 0x15
     /// Identity mapping reaches the top of the canonical lower half.
     static let mappableLimit: UInt64 = 1 << 47
 
@@ -147,6 +154,87 @@ final class GuestHarness {
         defer { nextTablePage += 0x1000 }
         memset(memory + Int(nextTablePage), 0, 0x1000)
         return nextTablePage
+    }
+
+    /// A compiled program: the verify ops' ranges, by the index the code passes in RBX.
+    struct Compiled {
+        var verifies: [(gpa: UInt64, length: UInt64)] = []
+    }
+
+    /// Emits `program` as x86-64 at programBase, its fill and verify data into the
+    /// bounce buffer, and maps every range it touches.
+    func compile(_ program: GuestProgram) throws(BackendError) -> Compiled {
+        guard program.dataSize <= Self.bounceCapacity else {
+            throw .unsupported("the program's fills and verifies need more than \(Self.bounceCapacity) bytes of data")
+        }
+        var code: [UInt8] = []
+        var compiled = Compiled()
+        var data = Self.bounce.lowerBound
+        func movImm64(_ reg: UInt8, _ value: UInt64) {
+            code += [0x48, 0xb8 + reg]
+            withUnsafeBytes(of: value.littleEndian) { code += $0 }
+        }
+        func out(_ port: UInt16) { code += [0xe6, UInt8(port)] }
+        let (rax, rcx, rdx, rbx, rsi, rdi): (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) = (0, 1, 2, 3, 6, 7)
+        func place(_ pattern: [UInt8], _ length: UInt64) -> UInt64 {
+            let bytes = GuestProgram.expand(pattern, to: length)
+            bytes.withUnsafeBytes { (memory + Int(data)).copyMemory(from: $0.baseAddress!, byteCount: bytes.count) }
+            defer { data += length }
+            return data
+        }
+        func checkRange(_ gpa: UInt64, _ length: UInt64) throws(BackendError) {
+            let (end, overflow) = gpa.addingReportingOverflow(length)
+            guard !overflow, end <= Self.mappableLimit else { throw .unsupported("the guest harness identity-maps GPAs below 2^47 only") }
+            if length > 0 && gpa < Self.size { throw .unsupported("GPA [0, 32 MiB) is the kernel backend's guest harness") }
+            guard ensureMapped((gpa >> 30)..<((end + (1 << 30) - 1) >> 30)) else {
+                throw .unsupported("the guest harness ran out of page-table pages")
+            }
+        }
+        for op in program.ops {
+            switch op {
+            case .fill(let gpa, let length, let pattern):
+                try checkRange(gpa, length)
+                movImm64(rsi, place(pattern, length))
+                movImm64(rdi, gpa)
+                movImm64(rcx, length)
+                code += [0xf3, 0xa4]  // rep movsb
+            case .verify(let gpa, let length, let pattern):
+                try checkRange(gpa, length)
+                movImm64(rsi, gpa)
+                movImm64(rdi, place(pattern, length))
+                movImm64(rcx, length)
+                movImm64(rbx, UInt64(compiled.verifies.count))
+                code += [0xf3, 0xa6]  // repe cmpsb: ZF set if all equal
+                out(Self.verifyPort)
+                compiled.verifies.append((gpa, length))
+            case .report(let value):
+                code += [0xb8]  // mov eax, imm32
+                withUnsafeBytes(of: value.littleEndian) { code += $0 }
+                out(Self.reportPort)
+            case .convert(let request):
+                switch request.channel {
+                case .doorbell:
+                    movImm64(rdi, request.gpa)
+                    movImm64(rsi, request.npages)
+                    movImm64(rdx, request.toPrivate ? 1 : 0)
+                    out(Self.doorbellPort)
+                case .hypercall:
+                    movImm64(rax, UAPI.KVM_HC_MAP_GPA_RANGE)
+                    movImm64(rbx, request.gpa)
+                    movImm64(rcx, request.npages)
+                    movImm64(rdx, request.toPrivate ? 0x10 : 0)
+                    code += Self.isAMD ? [0x0f, 0x01, 0xd9] : [0x0f, 0x01, 0xc1]
+                    out(Self.hypercallReturnPort)
+                }
+            }
+        }
+        out(Self.donePort)
+        code += [0xeb, 0xfe]
+        guard UInt64(code.count) <= Self.programLimit - Self.programBase else {
+            throw .unsupported("the program's code is larger than the harness's program area")
+        }
+        code.withUnsafeBytes { (memory + Int(Self.programBase)).copyMemory(from: $0.baseAddress!, byteCount: code.count) }
+        return compiled
     }
 
     /// The bounce buffer, as host memory.

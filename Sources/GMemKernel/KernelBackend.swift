@@ -448,7 +448,7 @@ public final class KernelBackend: Backend {
     }
 
     /// KVM_ENABLE_CAP on a VM.
-    func enableCap(vm: FD, _ cap: Capability, _ arg0: UInt64) throws(BackendError) {
+    public func enableCap(vm: FD, _ cap: Capability, _ arg0: UInt64) throws(BackendError) {
         var c = kvm_enable_cap()
         c.cap = cap.number
         c.args.0 = arg0
@@ -472,6 +472,88 @@ public final class KernelBackend: Backend {
         range.flags = flags
         try check(ckvm_ioctl_ptr(real(vcpu), CKVM_PRE_FAULT_MEMORY, &range))
         return (range.gpa, range.size)
+    }
+
+    /// Compiles `program` into the harness and runs it, turning its port writes into
+    /// events and its doorbells and forwarded hypercalls into `handler` calls.
+    public func runGuestProgram(vcpu: FD, _ program: GuestProgram, handler: (ConversionRequest) -> UInt64)
+        throws(BackendError) -> GuestProgramResult
+    {
+        guard let v = vcpus[real(vcpu)] else { throw .errno(.EBADF) }
+        let h = try harness(for: v)
+        if !v.configured {
+            try GuestHarness.configure(vcpuFD: v.fd, kvmFD: kvm)
+            v.configured = true
+        }
+        let compiled = try h.compile(program)
+        var regs = kvm_regs()
+        regs.rip = GuestHarness.programBase
+        regs.rsp = GuestHarness.stackTop
+        regs.rflags = 0x3002
+        try check(ckvm_ioctl_ptr(v.fd, CKVM_SET_REGS, &regs))
+        var events: [GuestEvent] = []
+        var pendingHypercall: (ConversionRequest, UInt64)?
+        while true {
+            let r = ckvm_run(v.fd, guestTimeoutMS)
+            let reason = v.exitReason
+            if r < 0 {
+                let errno = Errno(rawValue: -r)
+                if reason == 39 && (errno == .EFAULT || errno == .EHWPOISON) {
+                    let mf = v.exitUnion.load(as: ckvm_memory_fault.self)
+                    return GuestProgramResult(events: events, end: .failed(errno, .memoryFault(flags: mf.flags, gpa: mf.gpa, size: mf.size)))
+                }
+                return GuestProgramResult(events: events, end: .failed(errno, nil))
+            }
+            switch reason {
+            case 2:  // KVM_EXIT_IO: the program talking to the VMM
+                let port = v.exitUnion.load(fromByteOffset: 2, as: UInt16.self)
+                var regs = kvm_regs()
+                try check(ckvm_ioctl_ptr(v.fd, CKVM_GET_REGS, &regs))
+                switch port {
+                case GuestHarness.donePort:
+                    completePendingExit(v)
+                    return GuestProgramResult(events: events, end: .completed([]))
+                case GuestHarness.reportPort:
+                    events.append(.reported(UInt32(truncatingIfNeeded: regs.rax)))
+                case GuestHarness.verifyPort:
+                    let (gpa, length) = compiled.verifies[Int(regs.rbx)]
+                    let equal = regs.rflags & 0x40 != 0 || length == 0
+                    events.append(.verified(gpa: gpa, length: length, mismatchAt: equal ? nil : regs.rsi - gpa - 1))
+                case GuestHarness.doorbellPort:
+                    let request = ConversionRequest(gpa: regs.rdi, npages: regs.rsi, toPrivate: regs.rdx & 1 != 0, channel: .doorbell)
+                    let result = handler(request)
+                    regs.rax = result
+                    try check(ckvm_ioctl_ptr(v.fd, CKVM_SET_REGS, &regs))
+                    events.append(.conversion(request, result: result))
+                case GuestHarness.hypercallReturnPort:
+                    let request = pendingHypercall?.0 ?? ConversionRequest(
+                        gpa: regs.rbx, npages: regs.rcx, toPrivate: regs.rdx & 0x10 != 0, channel: .hypercall)
+                    events.append(.conversion(request, result: regs.rax))
+                    pendingHypercall = nil
+                default:
+                    completePendingExit(v)
+                    return GuestProgramResult(events: events, end: .exit(.other(reason: reason)))
+                }
+            case 3:  // KVM_EXIT_HYPERCALL: KVM forwarded KVM_HC_MAP_GPA_RANGE
+                let u = v.exitUnion
+                let request = ConversionRequest(
+                    gpa: u.load(fromByteOffset: 8, as: UInt64.self), npages: u.load(fromByteOffset: 16, as: UInt64.self),
+                    toPrivate: u.load(fromByteOffset: 24, as: UInt64.self) & 0x10 != 0, channel: .hypercall)
+                let result = handler(request)
+                u.storeBytes(of: result, toByteOffset: 56, as: UInt64.self)  // hypercall.ret
+                pendingHypercall = (request, result)
+            case 6:
+                let gpa = v.exitUnion.load(as: UInt64.self)
+                let len = v.exitUnion.load(fromByteOffset: 16, as: UInt32.self)
+                let isWrite = v.exitUnion.load(fromByteOffset: 20, as: UInt8.self) != 0
+                completePendingExit(v)
+                return GuestProgramResult(events: events, end: .exit(.mmio(gpa: gpa, length: len, isWrite: isWrite)))
+            case 8:
+                return GuestProgramResult(events: events, end: .exit(.shutdown))
+            default:
+                return GuestProgramResult(events: events, end: .exit(.other(reason: reason)))
+            }
+        }
     }
 
     public func memoryFailure(fd: FD, offset: UInt64) throws(BackendError) {

@@ -115,6 +115,45 @@ public final class ModelBackend: Backend {
     {
         try run { k throws(Errno) in try k.preFaultMemory(vcpu: vcpu.raw, gpa: gpa, size: size, flags: flags) }
     }
+    public func enableCap(vm: FD, _ cap: Capability, _ arg: UInt64) throws(BackendError) {
+        try run { k throws(Errno) in try k.enableCap(vm: vm.raw, cap, arg) }
+    }
+
+    /// Interprets the program op by op. Each op is its own call into the kernel, so a
+    /// conversion handler may call back into this backend between them.
+    public func runGuestProgram(vcpu: FD, _ program: GuestProgram, handler: (ConversionRequest) -> UInt64)
+        throws(BackendError) -> GuestProgramResult
+    {
+        var events: [GuestEvent] = []
+        for op in program.ops {
+            switch op {
+            case .fill(let gpa, let length, let pattern):
+                let outcome = try guestAccess(vcpu: vcpu, GuestAccess(gpa: gpa, kind: .write(GuestProgram.expand(pattern, to: length))))
+                if outcome != .completed([]) { return GuestProgramResult(events: events, end: outcome) }
+            case .verify(let gpa, let length, let pattern):
+                let outcome = try guestAccess(vcpu: vcpu, GuestAccess(gpa: gpa, kind: .read(count: length)))
+                guard case .completed(let bytes) = outcome else { return GuestProgramResult(events: events, end: outcome) }
+                let expected = GuestProgram.expand(pattern, to: length)
+                let at = zip(bytes, expected).enumerated().first { $0.element.0 != $0.element.1 }?.offset
+                events.append(.verified(gpa: gpa, length: length, mismatchAt: at.map(UInt64.init)))
+            case .report(let value):
+                events.append(.reported(value))
+            case .convert(let request):
+                let result: UInt64
+                switch request.channel {
+                case .doorbell:
+                    result = handler(request)
+                case .hypercall:
+                    // Programs run at CPL3, as on the kernel backend.
+                    let forwarded = try run { k throws(Errno) in try k.exitsOnMapGPARange(vcpu: vcpu.raw) }
+                    result = request.kvmHypercallAnswer(cpl: 3, exitEnabled: forwarded) ?? handler(request)
+                }
+                events.append(.conversion(request, result: result))
+            }
+        }
+        return GuestProgramResult(events: events, end: .completed([]))
+    }
+
     public func memoryFailure(fd: FD, offset: UInt64) throws(BackendError) {
         try run { k throws(Errno) in try k.memoryFailure(fd.raw, offset: offset) }
     }

@@ -310,6 +310,32 @@ public final class ScenarioRunner {
                 try b.memoryFailure(fd: f, offset: offset)
                 return Observation(result: .ok)
             }
+        case .enableCap(let vm, let cap, let arg):
+            let v = try fd(vm)
+            return try call { () throws(BackendError) in
+                try b.enableCap(vm: v, cap, arg)
+                return Observation(result: .ok)
+            }
+        case .guestProgram(let ref, let program, let doorbellResult):
+            let v: FD
+            switch try vcpu(ref) {
+            case .success(let fd): v = fd
+            case .failure(let e): return Observation(result: .errno(e))
+            }
+            return try call { () throws(BackendError) in
+                let result = try b.runGuestProgram(vcpu: v, program) { _ in doorbellResult }
+                var o = Observation(result: .ok, value: .object(JSONObject(["events": .array(result.events.map(Self.render))])))
+                switch result.end {
+                case .completed: break
+                case .exit(let x):
+                    o.result = .exit
+                    o.exit = Self.render(x)
+                case .failed(let e, let x):
+                    o.result = .errno(e)
+                    o.exit = x.map(Self.render)
+                }
+                return o
+            }
         case .convert, .pin, .unpin:
             throw Skip(reason: "'\(step.opName)' (in-place conversion and pins) is not implemented by the \(b.name) backend yet")
         }
@@ -345,6 +371,23 @@ public final class ScenarioRunner {
         case .completed(let bytes): bytesRead(bytes)
         case .sigbus(let a): Observation(result: .sigbus, value: .object(JSONObject(["offset": .int(a &- base)])))
         case .sigsegv(let a): Observation(result: .sigsegv, value: .object(JSONObject(["offset": .int(a &- base)])))
+        }
+    }
+
+    /// A guest program's event as `expect_value` spells it.
+    public static func render(_ event: GuestEvent) -> JSON {
+        switch event {
+        case .reported(let v):
+            return .object(JSONObject(["report": .int(v)]))
+        case .verified(let gpa, let length, let at):
+            return .object(JSONObject(["verify": .object(JSONObject([
+                "gpa": .int(gpa), "len": .int(length), "mismatch": at.map { .int($0) } ?? .null,
+            ]))]))
+        case .conversion(let r, let result):
+            return .object(JSONObject(["convert": .object(JSONObject([
+                "gpa": .int(r.gpa), "npages": .int(r.npages), "to": .string(r.toPrivate ? "private" : "shared"),
+                "via": .string(r.channel.rawValue), "result": .int(result),
+            ]))]))
         }
     }
 

@@ -62,6 +62,8 @@ public enum Op: Hashable, Sendable {
     case guestRead(vcpu: Ref, gpa: UInt64, count: UInt64, isPrivate: Bool?)
     case preFaultMemory(vcpu: Ref, gpa: UInt64, size: UInt64, flags: UInt64)
     case memoryFailure(Ref, offset: UInt64)
+    case enableCap(vm: Ref, cap: Capability, arg: UInt64)
+    case guestProgram(vcpu: Ref, GuestProgram, doorbellResult: UInt64)
     case convert(Ref, offset: UInt64, size: UInt64, toPrivate: Bool)
     case pin(map: String, offset: UInt64, length: UInt64, longterm: Bool)
     case unpin(pin: String)

@@ -306,6 +306,20 @@ struct StepReader {
             return .preFaultMemory(vcpu: try vcpuRef(), gpa: try number("gpa"), size: try number("size"), flags: try optionalNumber("flags") ?? 0)
         case "memory_failure":
             return .memoryFailure(try ref("fd"), offset: try number("offset"))
+        case "enable_cap":
+            let vm = try ref("vm")
+            guard let c = try string("cap"), let cap = Capability(rawValue: c) else {
+                throw fail("cap", "expected a capability name such as \"exit_hypercall\"")
+            }
+            return .enableCap(vm: vm, cap: cap, arg: try optionalNumber("args") ?? 0)
+        case "guest_program":
+            let vcpu = try vcpuRef()
+            guard case .array(let items)? = raw("program") else {
+                throw fail("program", "expected a list of guest ops: fill, verify, report, convert")
+            }
+            var ops: [GuestProgram.Op] = []
+            for (i, item) in items.enumerated() { ops.append(try guestOp(item, index: i)) }
+            return .guestProgram(vcpu: vcpu, GuestProgram(ops), doorbellResult: try optionalNumber("doorbell_result") ?? 0)
         case "convert":
             let fd = try ref("fd")
             guard let to = try string("to"), to == "private" || to == "shared" else { throw fail("to", "expected \"private\" or \"shared\"") }
@@ -318,6 +332,58 @@ struct StepReader {
             return .unpin(pin: n)
         default:
             throw fail("op", "unknown op \"\(name)\" (see docs/scenarios.md for the list)")
+        }
+    }
+
+    /// One op of a guest program: {"fill": {...}}, {"verify": {...}}, {"report": n},
+    /// {"convert": {...}}.
+    func guestOp(_ item: JSON, index: Int) throws(ScenarioError) -> GuestProgram.Op {
+        let field = "program[\(index)]"
+        guard case .object(let o) = item, o.keys.count == 1, let kind = o.keys.first, let body = o[kind] else {
+            throw fail(field, "expected an object with one key: fill, verify, report or convert")
+        }
+        func num(_ key: String, in b: JSONObject) throws(ScenarioError) -> UInt64 {
+            guard let j = b[key], let v = NumberSyntax.parse(j) else { throw fail("\(field).\(kind).\(key)", "missing or not a number") }
+            return v
+        }
+        func object() throws(ScenarioError) -> JSONObject {
+            guard case .object(let b) = body else { throw fail("\(field).\(kind)", "expected an object") }
+            return b
+        }
+        switch kind {
+        case "fill", "verify":
+            let b = try object()
+            for k in b.keys where !["gpa", "len", "pattern"].contains(k) {
+                throw fail("\(field).\(kind).\(k)", "unknown field (expected gpa, len, pattern)")
+            }
+            guard case .string(let hex)? = b["pattern"], let pattern = BytesSyntax.hexBytes(hex), !pattern.isEmpty else {
+                throw fail("\(field).\(kind).pattern", "expected a non-empty hex string")
+            }
+            let gpa = try num("gpa", in: b)
+            let len = try num("len", in: b)
+            guard len <= BytesSyntax.maxLength else { throw fail("\(field).\(kind).len", "larger than \(BytesSyntax.maxLength)") }
+            return kind == "fill" ? .fill(gpa: gpa, length: len, pattern: pattern) : .verify(gpa: gpa, length: len, pattern: pattern)
+        case "report":
+            guard let v = NumberSyntax.parse(body), v <= UInt64(UInt32.max) else { throw fail("\(field).report", "expected a 32-bit number") }
+            return .report(UInt32(v))
+        case "convert":
+            let b = try object()
+            for k in b.keys where !["gpa", "npages", "to", "via"].contains(k) {
+                throw fail("\(field).convert.\(k)", "unknown field (expected gpa, npages, to, via)")
+            }
+            guard case .string(let to)? = b["to"], to == "private" || to == "shared" else {
+                throw fail("\(field).convert.to", "expected \"private\" or \"shared\"")
+            }
+            var channel = ConversionChannel.doorbell
+            if let via = b["via"] {
+                guard case .string(let v) = via, let c = ConversionChannel(rawValue: v) else {
+                    throw fail("\(field).convert.via", "expected \"doorbell\" or \"hypercall\"")
+                }
+                channel = c
+            }
+            return .convert(ConversionRequest(gpa: try num("gpa", in: b), npages: try num("npages", in: b), toPrivate: to == "private", channel: channel))
+        default:
+            throw fail(field, "unknown guest op \"\(kind)\" (expected fill, verify, report or convert)")
         }
     }
 

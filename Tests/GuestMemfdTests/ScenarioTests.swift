@@ -68,6 +68,13 @@ struct ScenarioTests {
         (#"[1, 2]"#, "expected a JSON object"),
         (#"{"steps": []}"#, "field 'name'"),
         (#"{"name": "x", "steps": [{"op": "fstat", "fd": 3, "as": "s"}]}"#, "field 'as': op 'fstat' returns no handle"),
+        (#"{"name": "x", "steps": [{"op": "guest_program", "vm": 3, "program": [{"jump": 1}]}]}"#,
+         "field 'program[0]': unknown guest op \"jump\""),
+        (#"{"name": "x", "steps": [{"op": "guest_program", "vm": 3, "program": [{"fill": {"gpa": 0, "len": 4}}]}]}"#,
+         "field 'program[0].fill.pattern'"),
+        (#"{"name": "x", "steps": [{"op": "guest_program", "vm": 3, "program": [{"convert": {"gpa": 0, "npages": 1, "to": "x"}}]}]}"#,
+         "field 'program[0].convert.to'"),
+        (#"{"name": "x", "requires": ["warp_drive"], "steps": []}"#, "field 'requires': unknown feature"),
     ])
     func badFilesAreRejectedPrecisely(text: String, message: String) {
         do {

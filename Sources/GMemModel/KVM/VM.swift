@@ -52,6 +52,8 @@ struct VM: Hashable {
     /// mmu_invalidate_seq: bumped by every invalidation.
     var mmuInvalidateSeq: UInt64 = 0
     var vcpus: Set<UInt32> = []
+    /// KVM_CAP_EXIT_HYPERCALL: hypercalls forwarded to userspace (bit n = nr n).
+    var exitHypercalls: UInt64 = 0
 
     func isPrivate(gfn: UInt64) -> Bool {
         attributes.value(at: gfn) & UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE != 0
@@ -115,6 +117,21 @@ extension Kernel {
         case .preFaultMemory: return config.tdp ? 1 : 0
         case .guestMemfdFlags: return gmemSupportedFlags(vm: vm?.id)
         }
+    }
+
+    /// KVM_ENABLE_CAP on a VM. Only KVM_CAP_EXIT_HYPERCALL is enableable here: its
+    /// argument must be a subset of the forwardable hypercalls (KVM_HC_MAP_GPA_RANGE).
+    public mutating func enableCap(vm fd: Int32, _ cap: Capability, _ arg: UInt64) throws(Errno) {
+        let vm = try vmFD(fd)
+        guard cap == .exitHypercall else { throw .EINVAL }
+        if arg & ~(1 << UAPI.KVM_HC_MAP_GPA_RANGE) != 0 { throw .EINVAL }
+        vms[vm]!.exitHypercalls = arg
+    }
+
+    /// Whether the vCPU's VM forwards KVM_HC_MAP_GPA_RANGE to userspace.
+    public func exitsOnMapGPARange(vcpu fd: Int32) throws(Errno) -> Bool {
+        let (vm, _) = try vcpuFD(fd)
+        return vms[vm]!.exitHypercalls & (1 << UAPI.KVM_HC_MAP_GPA_RANGE) != 0
     }
 
     // MARK: Stage-2 zaps
