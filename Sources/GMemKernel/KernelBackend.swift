@@ -60,7 +60,8 @@ public final class KernelBackend: Backend {
         if fd < 0 { return "cannot open /dev/kvm: \(String(cString: strerror(-fd)))" }
         defer { _ = ckvm_close(fd) }
         let version = ckvm_ioctl_val(fd, CKVM_GET_API_VERSION, 0)
-        if version != 12 { return "KVM_GET_API_VERSION returned \(version), expected 12" }
+        if version < 0 { return "/dev/kvm is not KVM: KVM_GET_API_VERSION failed with \(Errno(rawValue: Int32(-version)).name)" }
+        if version != 12 { return "KVM_GET_API_VERSION is \(version), expected 12" }
         if ckvm_ioctl_val(fd, CKVM_CHECK_EXTENSION, UInt(Capability.guestMemfd.number)) <= 0 {
             return "this kernel has no guest_memfd (KVM_CAP_GUEST_MEMFD is 0)"
         }

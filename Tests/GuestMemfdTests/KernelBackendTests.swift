@@ -11,7 +11,7 @@ import Testing
 /// Why the kernel tests cannot run here, or nil where /dev/kvm with guest_memfd opens.
 let kvmUnavailable = KernelBackend.unavailableReason()
 
-@Suite("Kernel backend", .enabled(if: kvmUnavailable == nil, "needs /dev/kvm with guest_memfd"), .serialized)
+@Suite("Kernel backend", .enabled(if: kvmUnavailable == nil, Comment(rawValue: "needs /dev/kvm with guest_memfd: \(kvmUnavailable ?? "")")), .serialized)
 struct KernelBackendTests {
     /// The model, configured as the host it is compared with.
     static func matchingModel(_ k: KernelBackend) -> ModelBackend {
