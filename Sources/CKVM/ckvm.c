@@ -19,6 +19,7 @@
 // The guest_memfd ioctls, with this file's struct copies.
 #define CKVM_IOC_SET_USER_MEMORY_REGION2 _IOW(KVMIO, 0x49, struct ckvm_userspace_memory_region2)
 #define CKVM_IOC_SET_MEMORY_ATTRIBUTES _IOW(KVMIO, 0xd2, struct ckvm_memory_attributes)
+#define CKVM_IOC_SET_MEMORY_ATTRIBUTES2 _IOWR(KVMIO, 0xd2, struct ckvm_memory_attributes2)
 #define CKVM_IOC_CREATE_GUEST_MEMFD _IOWR(KVMIO, 0xd4, struct ckvm_create_guest_memfd)
 #define CKVM_IOC_PRE_FAULT_MEMORY _IOWR(KVMIO, 0xd5, struct ckvm_pre_fault_memory)
 
@@ -26,6 +27,7 @@ _Static_assert(sizeof(struct ckvm_userspace_memory_region2) == 160, "uapi size")
 _Static_assert(sizeof(struct ckvm_create_guest_memfd) == 64, "uapi size");
 _Static_assert(sizeof(struct ckvm_memory_attributes) == 32, "uapi size");
 _Static_assert(sizeof(struct ckvm_pre_fault_memory) == 64, "uapi size");
+_Static_assert(sizeof(struct ckvm_memory_attributes2) == 128, "uapi size");
 
 const unsigned long CKVM_GET_API_VERSION = KVM_GET_API_VERSION;
 const unsigned long CKVM_CREATE_VM = KVM_CREATE_VM;
@@ -36,6 +38,7 @@ const unsigned long CKVM_CREATE_VCPU = KVM_CREATE_VCPU;
 const unsigned long CKVM_SET_USER_MEMORY_REGION = KVM_SET_USER_MEMORY_REGION;
 const unsigned long CKVM_SET_USER_MEMORY_REGION2 = CKVM_IOC_SET_USER_MEMORY_REGION2;
 const unsigned long CKVM_SET_MEMORY_ATTRIBUTES = CKVM_IOC_SET_MEMORY_ATTRIBUTES;
+const unsigned long CKVM_SET_MEMORY_ATTRIBUTES2 = CKVM_IOC_SET_MEMORY_ATTRIBUTES2;
 const unsigned long CKVM_CREATE_GUEST_MEMFD = CKVM_IOC_CREATE_GUEST_MEMFD;
 const unsigned long CKVM_PRE_FAULT_MEMORY = CKVM_IOC_PRE_FAULT_MEMORY;
 const unsigned long CKVM_ENABLE_CAP = KVM_ENABLE_CAP;

@@ -141,6 +141,37 @@ public enum BackendError: Error, Hashable, Sendable {
     case unsupported(String)
 }
 
+/// How a VM converts memory between shared and private: a policy chosen per VM.
+public enum ConversionPolicy: String, CaseIterable, Hashable, Sendable {
+    /// x86 mainline: VM-level KVM_SET_MEMORY_ATTRIBUTES selects, per gfn, the
+    /// guest_memfd page (private) or the userspace_addr page (shared). Two pages per
+    /// GPA; conversion is lossy.
+    case attributes
+    /// The in-place series (KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd): one page
+    /// per offset whose shareability changes; to-private is refused with EAGAIN while
+    /// anything on the host still holds the page.
+    case inPlace = "in_place"
+}
+
+/// The answer to an in-place conversion (KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd).
+public struct ConversionOutcome: Hashable, Sendable {
+    /// nil on success, else the ioctl's errno.
+    public var errno: Errno?
+    /// kvm_memory_attributes2.error_offset: with EAGAIN, the offset of the first page
+    /// that is still in use.
+    public var errorOffset: UInt64
+    public init(errno: Errno?, errorOffset: UInt64) {
+        self.errno = errno
+        self.errorOffset = errorOffset
+    }
+}
+
+/// A GUP pin held by the backend's process.
+public struct PinHandle: Hashable, Sendable {
+    public var id: UInt64
+    public init(id: UInt64) { self.id = id }
+}
+
 /// Host features a scenario can require (its top-level `requires`). A backend that
 /// lacks one skips the scenario, saying why.
 public enum Feature: String, CaseIterable, Sendable {
@@ -152,6 +183,10 @@ public enum Feature: String, CaseIterable, Sendable {
     case preFaultMemory = "pre_fault_memory"
     /// Pages can be poisoned on purpose (memory_failure).
     case memoryFailure = "memory_failure"
+    /// In-place conversion on guest_memfd (KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES).
+    case inPlaceConversion = "in_place_conversion"
+    /// Pages can be pinned with GUP (FOLL_PIN) from a scenario.
+    case pins = "pins"
 }
 
 /// The operations a VMM performs on KVM and guest_memfd: one protocol, implemented
@@ -168,8 +203,8 @@ public protocol Backend: AnyObject {
 
     /// KVM_CHECK_EXTENSION on /dev/kvm (`fd` nil) or on a VM fd.
     func checkExtension(on fd: FD?, _ cap: Capability) throws(BackendError) -> UInt64
-    /// KVM_CREATE_VM with a raw type number.
-    func createVM(type: UInt64) throws(BackendError) -> FD
+    /// KVM_CREATE_VM with a raw type number, converting memory by `conversion`.
+    func createVM(type: UInt64, conversion: ConversionPolicy) throws(BackendError) -> FD
     /// KVM_CREATE_VCPU.
     func createVCPU(vm: FD, id: UInt32) throws(BackendError) -> FD
     /// KVM_CREATE_GUEST_MEMFD issued on `fd` (normally a VM fd).
@@ -222,6 +257,21 @@ public protocol Backend: AnyObject {
     /// with the value the guest receives.
     func runGuestProgram(vcpu: FD, _ program: GuestProgram, handler: (ConversionRequest) -> UInt64)
         throws(BackendError) -> GuestProgramResult
+    /// KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd: in-place conversion of
+    /// [offset, offset + size) to private (attributes PRIVATE) or shared (0).
+    func setGuestMemfdAttributes(fd: FD, offset: UInt64, size: UInt64, attributes: UInt64, flags: UInt64)
+        throws(BackendError) -> ConversionOutcome
+    /// pin_user_pages() on [address, address + length) of this process.
+    func pin(address: UInt64, length: UInt64, longterm: Bool) throws(BackendError) -> PinHandle
+    /// unpin_user_pages().
+    func unpin(_ pin: PinHandle) throws(BackendError)
     /// memory_failure() on the page of a guest_memfd at `offset` (hwpoison).
     func memoryFailure(fd: FD, offset: UInt64) throws(BackendError)
+}
+
+extension Backend {
+    /// KVM_CREATE_VM with the x86 mainline conversion model (VM-level attributes).
+    public func createVM(type: UInt64) throws(BackendError) -> FD {
+        try createVM(type: type, conversion: .attributes)
+    }
 }

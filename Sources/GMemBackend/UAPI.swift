@@ -67,6 +67,7 @@ public enum Capability: String, CaseIterable, Sendable {
     case preFaultMemory = "pre_fault_memory"
     case guestMemfdFlags = "guest_memfd_flags"
     case readonlyMem = "readonly_mem"
+    case guestMemfdMemoryAttributes = "guest_memfd_memory_attributes"
 
     /// The KVM_CAP_* number.
     public var number: UInt32 {
@@ -82,6 +83,7 @@ public enum Capability: String, CaseIterable, Sendable {
         case .vmTypes: 235
         case .preFaultMemory: 236
         case .guestMemfdFlags: 244
+        case .guestMemfdMemoryAttributes: 249
         }
     }
 }

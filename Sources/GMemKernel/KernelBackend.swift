@@ -104,6 +104,11 @@ public final class KernelBackend: Backend {
             return capability(.preFaultMemory) == 0 ? "KVM_CAP_PRE_FAULT_MEMORY is 0 (shadow paging)" : nil
         case .memoryFailure:
             return "memory_failure would poison a real page of this host (MADV_HWPOISON); it runs on the model only"
+        case .inPlaceConversion:
+            return capability(.guestMemfdMemoryAttributes) == 0
+                ? "KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES is 0: no in-place conversion in this kernel" : nil
+        case .pins:
+            return "pinning from a scenario needs CONFIG_GUP_TEST or io_uring buffers; not yet in the kernel backend"
         }
     }
 
@@ -124,7 +129,8 @@ public final class KernelBackend: Backend {
         return UInt64(try check(ckvm_ioctl_val(target, CKVM_CHECK_EXTENSION, UInt(cap.number))))
     }
 
-    public func createVM(type: UInt64) throws(BackendError) -> FD {
+    public func createVM(type: UInt64, conversion: ConversionPolicy) throws(BackendError) -> FD {
+        if conversion == .inPlace, let why = missing(.inPlaceConversion) { throw .unsupported(why) }
         let fd = try adopt(ckvm_ioctl_val(kvm, CKVM_CREATE_VM, UInt(truncatingIfNeeded: type)))
         slotsInUse[fd.raw] = []
         return fd
@@ -555,6 +561,28 @@ public final class KernelBackend: Backend {
                 return GuestProgramResult(events: events, end: .exit(.other(reason: reason)))
             }
         }
+    }
+
+    /// KVM_SET_MEMORY_ATTRIBUTES2, issued on the guest_memfd as the in-place series
+    /// defines it; kernels without the series answer ENOTTY.
+    public func setGuestMemfdAttributes(fd: FD, offset: UInt64, size: UInt64, attributes: UInt64, flags: UInt64)
+        throws(BackendError) -> ConversionOutcome
+    {
+        var a = ckvm_memory_attributes2()
+        a.offset = offset
+        a.size = size
+        a.attributes = attributes
+        a.flags = flags
+        let r = ckvm_ioctl_ptr(real(fd), CKVM_SET_MEMORY_ATTRIBUTES2, &a)
+        return ConversionOutcome(errno: r < 0 ? Errno(rawValue: Int32(-r)) : nil, errorOffset: a.error_offset)
+    }
+
+    public func pin(address: UInt64, length: UInt64, longterm: Bool) throws(BackendError) -> PinHandle {
+        throw .unsupported(missing(.pins)!)
+    }
+
+    public func unpin(_ pin: PinHandle) throws(BackendError) {
+        throw .unsupported(missing(.pins)!)
     }
 
     public func memoryFailure(fd: FD, offset: UInt64) throws(BackendError) {

@@ -13,6 +13,8 @@ public struct ModelConfig: Hashable, Sendable {
     public var maxPhysAddrBits: UInt64
     /// Memslot address spaces (2 with SMM).
     public var addressSpaces: UInt32
+    /// In-place conversion on guest_memfd (the post-6.18 series) can be chosen per VM.
+    public var inPlaceConversion: Bool = true
 
     /// Mainline x86-64 (6.18 guest_memfd semantics) with TDP and
     /// CONFIG_KVM_SW_PROTECTED_VM: `default` and `sw_protected` VMs.
@@ -24,7 +26,7 @@ public struct ModelConfig: Hashable, Sendable {
     /// kvm-pvm, shadow paging, default VMs only, no memory attributes.
     public static let pvmHost = ModelConfig(
         supportedVMTypes: 0b1, memoryAttributesIoctl: false, tdp: false, maxPhysAddrBits: 52,
-        addressSpaces: 1)
+        addressSpaces: 1, inPlaceConversion: false)
 }
 
 /// What an open file description is.
@@ -64,6 +66,8 @@ public struct Kernel: Hashable {
     var gmemFiles: [UInt64: GmemFile] = [:]
     var shmemInodes: [UInt64: ShmemInode] = [:]
     var mm = AddressSpace()
+    /// GUP pins held by the process: the frames each pin holds.
+    var pins: [UInt64: Pin] = [:]
     var nextID: UInt64 = 1
 
     public init(config: ModelConfig = .mainline) {
@@ -164,5 +168,17 @@ public struct Kernel: Hashable {
             for (_, pfn) in inode.folios { precondition(phys.contains(pfn), "page cache holds a freed frame") }
         }
         mm.vmas.checkInvariants()
+        // Every pin holds its frames; pin counts add up.
+        var pinned: [UInt64: Int32] = [:]
+        for (_, p) in pins {
+            for pfn in p.pfns {
+                precondition(phys.contains(pfn), "a pin outlives its frame")
+                pinned[pfn, default: 0] += 1
+            }
+        }
+        for (pfn, frame) in phys.frames {
+            precondition(frame.pincount == pinned[pfn] ?? 0, "pin count of frame \(pfn) disagrees with the pins held")
+            precondition(frame.refcount > 0 && frame.mapcount >= 0, "frame \(pfn) has impossible counts")
+        }
     }
 }

@@ -19,8 +19,10 @@ public final class ModelBackend: Backend {
             return c.memoryAttributesIoctl ? nil : "the modelled host has no KVM_SET_MEMORY_ATTRIBUTES (--model-config)"
         case .preFaultMemory:
             return c.tdp ? nil : "the modelled host uses shadow paging: no KVM_PRE_FAULT_MEMORY (--model-config)"
-        case .memoryFailure:
+        case .memoryFailure, .pins:
             return nil
+        case .inPlaceConversion:
+            return c.inPlaceConversion ? nil : "the modelled host has no in-place conversion (--model-config)"
         }
     }
 
@@ -36,8 +38,9 @@ public final class ModelBackend: Backend {
     public func checkExtension(on fd: FD?, _ cap: Capability) throws(BackendError) -> UInt64 {
         try run { k throws(Errno) in try k.checkExtension(on: fd?.raw, cap) }
     }
-    public func createVM(type: UInt64) throws(BackendError) -> FD {
-        FD(try run { k throws(Errno) in try k.createVM(type: type) })
+    public func createVM(type: UInt64, conversion: ConversionPolicy) throws(BackendError) -> FD {
+        if conversion == .inPlace, let why = missing(.inPlaceConversion) { throw .unsupported(why) }
+        return FD(try run { k throws(Errno) in try k.createVM(type: type, conversion: conversion) })
     }
     public func createVCPU(vm: FD, id: UInt32) throws(BackendError) -> FD {
         FD(try run { k throws(Errno) in try k.createVCPU(vm: vm.raw, id: id) })
@@ -152,6 +155,20 @@ public final class ModelBackend: Backend {
             }
         }
         return GuestProgramResult(events: events, end: .completed([]))
+    }
+
+    public func setGuestMemfdAttributes(fd: FD, offset: UInt64, size: UInt64, attributes: UInt64, flags: UInt64)
+        throws(BackendError) -> ConversionOutcome
+    {
+        kernel.setGuestMemfdAttributes(fd.raw, offset: offset, size: size, attributes: attributes, flags: flags)
+    }
+
+    public func pin(address: UInt64, length: UInt64, longterm: Bool) throws(BackendError) -> PinHandle {
+        PinHandle(id: try run { k throws(Errno) in try k.pin(address: address, length: length, longterm: longterm) })
+    }
+
+    public func unpin(_ pin: PinHandle) throws(BackendError) {
+        try run { k throws(Errno) in try k.unpin(pin.id) }
     }
 
     public func memoryFailure(fd: FD, offset: UInt64) throws(BackendError) {

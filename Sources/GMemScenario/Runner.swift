@@ -57,6 +57,7 @@ public final class ScenarioRunner {
     private var fds: [String: FD] = [:]
     private var vcpuNames: Set<String> = []
     private var maps: [String: Mapping] = [:]
+    private var pins: [String: PinHandle] = [:]
     private var implicitVCPUs: [Ref: FD] = [:]
     /// Handles whose creating step did not produce them, with the step index.
     private var missing: [String: Int] = [:]
@@ -178,10 +179,7 @@ public final class ScenarioRunner {
         let b = backend
         switch step.op {
         case .createVM(let type, let conversion):
-            if conversion == .inPlace {
-                throw Skip(reason: "in-place conversion (conversion: \"in_place\") is not implemented yet")
-            }
-            return try call { () throws(BackendError) in bind(step, try b.createVM(type: type)) }
+            return try call { () throws(BackendError) in bind(step, try b.createVM(type: type, conversion: conversion)) }
         case .createVCPU(let vm, let id):
             let v = try fd(vm)
             return try call { () throws(BackendError) in bind(step, try b.createVCPU(vm: v, id: id), isVCPU: true) }
@@ -336,8 +334,34 @@ public final class ScenarioRunner {
                 }
                 return o
             }
-        case .convert, .pin, .unpin:
-            throw Skip(reason: "'\(step.opName)' (in-place conversion and pins) is not implemented by the \(b.name) backend yet")
+        case .convert(let ref, let offset, let size, let toPrivate):
+            let f = try fd(ref)
+            return try call { () throws(BackendError) in
+                let r = try b.setGuestMemfdAttributes(
+                    fd: f, offset: offset, size: size, attributes: toPrivate ? UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE : 0, flags: 0)
+                var o = Observation(result: r.errno.map { .errno($0) } ?? .ok)
+                if r.errno == .EAGAIN { o.value = .object(JSONObject(["error_offset": .int(r.errorOffset)])) }
+                return o
+            }
+        case .pin(let name, let offset, let length, let longterm):
+            let m = try mapping(name)
+            return try call { () throws(BackendError) in
+                let p = try b.pin(address: m.address &+ offset, length: length, longterm: longterm)
+                if let n = step.name {
+                    pins[n] = p
+                    missing[n] = nil
+                }
+                return Observation(result: .ok)
+            }
+        case .unpin(let name):
+            guard let p = pins[name] else {
+                throw Skip(reason: missing[name].map { "pin '\(name)' was not taken (step \($0))" } ?? "pin '\(name)' is not held")
+            }
+            return try call { () throws(BackendError) in
+                try b.unpin(p)
+                pins[name] = nil
+                return Observation(result: .ok)
+            }
         }
     }
 

@@ -30,15 +30,9 @@ public struct RegionSpec: Hashable, Sendable {
     public var guestMemfdOffset: UInt64
 }
 
-/// The conversion model a VM is created with.
-public enum ConversionModel: String, Hashable, Sendable {
-    case attributes
-    case inPlace = "in_place"
-}
-
 /// One scenario operation, with its arguments checked and typed.
 public enum Op: Hashable, Sendable {
-    case createVM(type: UInt64, conversion: ConversionModel)
+    case createVM(type: UInt64, conversion: ConversionPolicy)
     case createVCPU(vm: Ref, id: UInt32)
     case checkExtension(on: Ref?, cap: Capability)
     case createGuestMemfd(on: Ref, size: UInt64, flags: UInt64)

@@ -237,9 +237,9 @@ struct StepReader {
                     throw fail("type", "expected one of \(VMType.allCases.map(\.rawValue).joined(separator: ", ")) or a number")
                 }
             }
-            var conversion = ConversionModel.attributes
+            var conversion = ConversionPolicy.attributes
             if let c = try string("conversion") {
-                guard let m = ConversionModel(rawValue: c) else { throw fail("conversion", "expected \"attributes\" or \"in_place\"") }
+                guard let m = ConversionPolicy(rawValue: c) else { throw fail("conversion", "expected \"attributes\" or \"in_place\"") }
                 conversion = m
             }
             return .createVM(type: type, conversion: conversion)

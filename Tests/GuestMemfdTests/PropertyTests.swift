@@ -144,15 +144,16 @@ struct PropertyTests {
     static let number = Gen.int(in: 0...14).map { edges[$0] }
 
     @Test func noSequenceOfCallsTrapsOrBreaksTheModel() async {
-        let call = PropertyBased.zip(Gen.int(in: 0...20), Gen.int(in: -1...12), Self.number, Self.number, Gen.uint32(in: 0...255))
+        let call = PropertyBased.zip(Gen.int(in: 0...23), Gen.int(in: -1...12), Self.number, Self.number, Gen.uint32(in: 0...255))
         await propertyCheck(count: 300, input: call.array(of: 1...60)) { calls in
             let b = ModelBackend()
             var maps: [Mapping] = []
+            var pins: [PinHandle] = []
             for (op, fdRaw, x, y, small) in calls {
                 let fd = FD(Int32(fdRaw))
                 let bytes = [UInt8](repeating: UInt8(truncatingIfNeeded: small), count: Int(small % 9))
                 switch op {
-                case 0: _ = try? b.createVM(type: UInt64(small % 3))
+                case 0: _ = try? b.createVM(type: UInt64(small % 3), conversion: small % 2 == 0 ? .inPlace : .attributes)
                 case 1: _ = try? b.createGuestMemfd(on: fd, size: x, flags: UInt64(small % 4))
                 case 2: _ = try? b.fallocate(fd, mode: small, offset: x, length: y)
                 case 3:
@@ -184,9 +185,97 @@ struct PropertyTests {
                 case 17: _ = try? b.ftruncate(fd, size: x % (1 << 24))
                 case 18: _ = try? b.lseek(fd, offset: Int64(bitPattern: x), whence: Int32(small % 5))
                 case 19: _ = try? b.fstat(fd)
+                case 20:
+                    _ = try? b.setGuestMemfdAttributes(fd: fd, offset: x % (1 << 22), size: y % (1 << 22),
+                                                       attributes: UInt64(small % 2) << 3, flags: UInt64(small / 128))
+                case 21:
+                    if let m = maps.last, let p = try? b.pin(address: m.address &+ (x % (1 << 22)) & ~4095, length: y % (1 << 16), longterm: small % 2 == 0) {
+                        pins.append(p)
+                    }
+                case 22:
+                    if let p = pins.popLast() { _ = try? b.unpin(p) }
                 default: _ = try? b.checkExtension(on: fdRaw < 0 ? nil : fd, Capability.allCases[Int(small) % Capability.allCases.count])
                 }
                 b.kernel.checkInvariants()
+            }
+        }
+    }
+}
+
+/// In-place conversion against a per-page reference: shareability, pins, and what the
+/// host can touch.
+@Suite("Conversion properties")
+struct ConversionPropertyTests {
+    static let pages = 16
+
+    enum Op: Sendable, CustomStringConvertible {
+        case convert(lo: Int, hi: Int, toPrivate: Bool)
+        case pin(page: Int)
+        case unpin
+        case touch(page: Int)
+        var description: String {
+            switch self {
+            case .convert(let lo, let hi, let p): "convert(\(lo)..<\(hi), \(p ? "private" : "shared"))"
+            case .pin(let p): "pin(\(p))"
+            case .unpin: "unpin"
+            case .touch(let p): "touch(\(p))"
+            }
+        }
+    }
+
+    static let op = PropertyBased.zip(Gen.int(in: 0...3), Gen.int(in: 0...15), Gen.int(in: 1...16), Gen.bool).map { kind, a, b, p -> Op in
+        switch kind {
+        case 0: .convert(lo: min(a, b - 1), hi: max(a + 1, b), toPrivate: p)
+        case 1: .pin(page: a)
+        case 2: .unpin
+        default: .touch(page: a)
+        }
+    }
+
+    @Test func toPrivateSucceedsExactlyWhenNothingPinsTheRange() async {
+        await propertyCheck(count: 200, input: Self.op.array(of: 1...40)) { ops in
+            var k = Kernel()
+            guard let vm = try? k.createVM(type: VMType.swProtected.number, conversion: .inPlace),
+                let gmem = try? k.createGuestMemfd(on: vm, size: UInt64(Self.pages) * 4096, flags: MMAP | INIT_SHARED),
+                let map = try? k.mmap(fd: gmem, offset: 0, length: UInt64(Self.pages) * 4096, prot: [.read, .write], shared: true)
+            else {
+                Issue.record("setup failed")
+                return
+            }
+            var isPrivate = [Bool](repeating: false, count: Self.pages)
+            var held: [(id: UInt64, page: Int)] = []
+            for op in ops {
+                switch op {
+                case .convert(let lo, let hi, let toPrivate):
+                    let out = k.setGuestMemfdAttributes(gmem, offset: UInt64(lo) * 4096, size: UInt64(hi - lo) * 4096,
+                                                         attributes: toPrivate ? UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE : 0, flags: 0)
+                    let firstPinned = (lo..<hi).first { p in held.contains { $0.page == p } }
+                    let changes = (lo..<hi).contains { isPrivate[$0] != toPrivate }
+                    if toPrivate, changes, let busy = firstPinned {
+                        #expect(out == ConversionOutcome(errno: .EAGAIN, errorOffset: UInt64(busy) * 4096), "\(op)")
+                    } else {
+                        #expect(out.errno == nil, "\(op)")
+                        for p in lo..<hi { isPrivate[p] = toPrivate }
+                    }
+                case .pin(let page):
+                    let got = try? k.pin(address: map.address + UInt64(page) * 4096, length: 4096, longterm: false)
+                    #expect((got != nil) == !isPrivate[page], "GUP pins shared pages only: \(op)")
+                    if let got { held.append((got, page)) }
+                case .unpin:
+                    if let p = held.popLast() { try? k.unpin(p.id) }
+                case .touch(let page):
+                    let r = k.hostAccess(address: map.address + UInt64(page) * 4096, count: 1, write: [1])
+                    #expect((r == .completed([])) == !isPrivate[page], "the host reaches shared pages only: \(op)")
+                }
+                let ino = k.gmemInodes.keys.first!
+                for p in 0..<Self.pages {
+                    #expect(k.gmemInodes[ino]!.privatePages.value(at: UInt64(p)) == isPrivate[p])
+                }
+                // Isolation: no private page is mapped or pinned by the host.
+                for (pgoff, pfn) in k.gmemInodes[ino]!.folios where isPrivate[Int(pgoff)] {
+                    #expect(k.phys[pfn].mapcount == 0 && k.phys[pfn].pincount == 0, "private page \(pgoff) reachable after \(op)")
+                }
+                k.checkInvariants()
             }
         }
     }

@@ -49,6 +49,16 @@ struct ckvm_pre_fault_memory {
     uint64_t padding[5];
 };
 
+// struct kvm_memory_attributes2 (the in-place series): 128 bytes, on a guest_memfd.
+struct ckvm_memory_attributes2 {
+    uint64_t offset;
+    uint64_t size;
+    uint64_t attributes;
+    uint64_t flags;
+    uint64_t error_offset;
+    uint64_t reserved[11];
+};
+
 // kvm_run.memory_fault (KVM_EXIT_MEMORY_FAULT = 39): in the exit union.
 struct ckvm_memory_fault {
     uint64_t flags;
@@ -66,6 +76,7 @@ extern const unsigned long CKVM_CREATE_VCPU;
 extern const unsigned long CKVM_SET_USER_MEMORY_REGION;
 extern const unsigned long CKVM_SET_USER_MEMORY_REGION2;
 extern const unsigned long CKVM_SET_MEMORY_ATTRIBUTES;
+extern const unsigned long CKVM_SET_MEMORY_ATTRIBUTES2;
 extern const unsigned long CKVM_CREATE_GUEST_MEMFD;
 extern const unsigned long CKVM_PRE_FAULT_MEMORY;
 extern const unsigned long CKVM_ENABLE_CAP;

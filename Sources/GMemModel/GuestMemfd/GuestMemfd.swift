@@ -23,10 +23,29 @@ struct GmemInode: Hashable {
     var folios: [UInt64: UInt64] = [:]
     /// Files (one per VM view) that refer to this inode.
     var files: Set<UInt64> = []
+    /// Shareability is tracked here (in-place conversion) rather than in the VM.
+    let inPlace: Bool
+    /// Per page offset: private (true) or shared. Every index has a value; the
+    /// default is private unless INIT_SHARED. Meaningful when `inPlace`.
+    var privatePages = RangeMap(true)
 
     var pages: UInt64 { size >> UAPI.pageShift }
     var supportsMmap: Bool { flags & UAPI.GUEST_MEMFD_FLAG_MMAP != 0 }
     var initShared: Bool { flags & UAPI.GUEST_MEMFD_FLAG_INIT_SHARED != 0 }
+
+    /// Whether the host may map page `pgoff`: per page with in-place conversion,
+    /// for the whole file (INIT_SHARED) in mainline.
+    func isShared(_ pgoff: UInt64) -> Bool {
+        inPlace ? !privatePages.value(at: pgoff) : initShared
+    }
+
+    init(ino: UInt64, size: UInt64, flags: UInt64, inPlace: Bool) {
+        self.ino = ino
+        self.size = size
+        self.flags = flags
+        self.inPlace = inPlace
+        privatePages = RangeMap(flags & UAPI.GUEST_MEMFD_FLAG_INIT_SHARED == 0)
+    }
 }
 
 /// struct gmem_file: one VM's view of an inode, with its memslot bindings.
@@ -42,7 +61,8 @@ extension Kernel {
     /// has private memory (x86 mainline), and always when asked of /dev/kvm.
     func gmemSupportedFlags(vm: UInt64?) -> UInt64 {
         var flags = UAPI.GUEST_MEMFD_FLAG_MMAP
-        if let vm, vms[vm]!.type.hasPrivateMemory {
+        // x86: INIT_SHARED when in-place conversion is on or the VM has no private memory.
+        if let vm, vms[vm]!.type.hasPrivateMemory, vms[vm]!.conversion == .attributes {
             return flags
         }
         flags |= UAPI.GUEST_MEMFD_FLAG_INIT_SHARED
@@ -56,7 +76,7 @@ extension Kernel {
         // size is a loff_t: zero, negative or unaligned is EINVAL.
         if size == 0 || Int64(bitPattern: size) < 0 || size & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
         let ino = newID()
-        gmemInodes[ino] = GmemInode(ino: ino, size: size, flags: flags)
+        gmemInodes[ino] = GmemInode(ino: ino, size: size, flags: flags, inPlace: vms[vm]!.conversion == .inPlace)
         let fd = installFD(.guestMemfd(inode: ino, vm: vm))
         let fileID = fds[fd]!
         gmemFiles[fileID] = GmemFile(inode: ino, vm: vm)

@@ -201,14 +201,14 @@ extension Kernel {
     }
 
     /// kvm_gmem_fault_user_mapping(): SIGBUS past EOF, on private memory (mainline: the
-    /// whole file unless INIT_SHARED) and on poisoned pages; otherwise the folio,
+    /// whole file unless INIT_SHARED; in-place: per page) and on poisoned pages; otherwise the folio,
     /// zeroed on first use.
     mutating func gmemFaultUserMapping(_ ino: UInt64, pgoff: UInt64, vpn: UInt64) throws(HostFault) -> UInt64 {
         // Read what is needed and let go of the inode before gmemGetFolio mutates it:
         // a live copy would make the page-cache dictionary copy on write.
-        let (pages, initShared) = (gmemInodes[ino]!.pages, gmemInodes[ino]!.initShared)
+        let (pages, shared) = (gmemInodes[ino]!.pages, gmemInodes[ino]!.isShared(pgoff))
         if pgoff >= pages { throw .sigbus(vpn: vpn) }
-        if !initShared { throw .sigbus(vpn: vpn) }
+        if !shared { throw .sigbus(vpn: vpn) }
         do {
             return try gmemGetFolio(ino, pgoff: pgoff)
         } catch {

@@ -20,7 +20,7 @@ extension Kernel {
             // The hardware walk hits; no fault, so no KVM check runs.
             return spte.pfn
         }
-        let attrPrivate = vms[vm]!.isPrivate(gfn: gfn)
+        let attrPrivate = kvmMemIsPrivate(vm: vm, gfn: gfn)
         let isPrivate = requested ?? attrPrivate
         let flags = isPrivate ? UAPI.KVM_MEMORY_EXIT_FLAG_PRIVATE : 0
         // KVM exits rather than retrying: retrying would hang SNP and TDX guests.
@@ -51,6 +51,16 @@ extension Kernel {
         }
         vms[vm]!.spte[gfn] = SPTE(pfn: pfn, isPrivate: isPrivate, writable: writable)
         return pfn
+    }
+
+    /// kvm_mem_is_private(): the VM's attribute, or with in-place conversion the
+    /// shareability of the guest_memfd page bound at `gfn` (shared where none is).
+    func kvmMemIsPrivate(vm: UInt64, gfn: UInt64) -> Bool {
+        guard vms[vm]!.conversion == .inPlace else { return vms[vm]!.isPrivate(gfn: gfn) }
+        guard let slotID = vms[vm]!.slotByGfn.value(at: gfn), let slot = vms[vm]!.memslots[slotID],
+            let binding = slot.gmem, binding.fileAlive, let file = gmemFiles[binding.file]
+        else { return false }
+        return gmemInodes[file.inode]!.privatePages.value(at: binding.pgoff + gfn - slot.baseGfn)
     }
 
     /// kvm_mmu_faultin_pfn_gmem() + kvm_gmem_get_pfn().

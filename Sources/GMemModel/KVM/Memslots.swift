@@ -130,7 +130,8 @@ extension Kernel {
         if gmemFiles[fileID]!.bindings.firstIndex(in: start..<start + npages, where: { $0 != nil }) != nil {
             throw .EINVAL
         }
-        return (GmemBinding(file: fileID, pgoff: start), inode.supportsMmap)
+        // KVM_MEMSLOT_GMEM_ONLY: the file can be mapped, or in-place conversion is on.
+        return (GmemBinding(file: fileID, pgoff: start), inode.supportsMmap || inode.inPlace)
     }
 
     mutating func insertMemslot(vm: UInt64, _ slot: Memslot) {

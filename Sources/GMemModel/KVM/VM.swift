@@ -40,6 +40,7 @@ struct SPTE: Hashable {
 struct VM: Hashable {
     let id: UInt64
     let type: VMType
+    let conversion: ConversionPolicy
     /// users_count: the VM fd, each vCPU fd and each guest_memfd file.
     var refs = 1
     var memslots: [UInt32: Memslot] = [:]
@@ -63,13 +64,15 @@ struct VM: Hashable {
 extension Kernel {
     // MARK: VMs
 
-    /// KVM_CREATE_VM.
-    public mutating func createVM(type: UInt64) throws(Errno) -> Int32 {
+    /// KVM_CREATE_VM. `conversion` stands for the host's choice between VM-level
+    /// attributes and in-place conversion (a module parameter upstream; per VM here, so
+    /// the two can run side by side).
+    public mutating func createVM(type: UInt64, conversion: ConversionPolicy = .attributes) throws(Errno) -> Int32 {
         guard type < 64, config.supportedVMTypes & (1 << type) != 0,
             let vmType = VMType.allCases.first(where: { $0.number == type })
         else { throw .EINVAL }
         let id = newID()
-        vms[id] = VM(id: id, type: vmType)
+        vms[id] = VM(id: id, type: vmType, conversion: conversion)
         return installFD(.vm(id))
     }
 
@@ -116,6 +119,9 @@ extension Kernel {
         case .vmTypes: return config.supportedVMTypes
         case .preFaultMemory: return config.tdp ? 1 : 0
         case .guestMemfdFlags: return gmemSupportedFlags(vm: vm?.id)
+        case .guestMemfdMemoryAttributes:
+            guard config.inPlaceConversion, privateMem else { return 0 }
+            return (vm.map { $0.conversion == .inPlace } ?? true) ? UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE : 0
         }
     }
 
@@ -182,7 +188,9 @@ extension Kernel {
     {
         let vm = try vmFD(fd)
         guard config.memoryAttributesIoctl else { throw .ENOTTY }
-        let supported = vms[vm]!.type.hasPrivateMemory ? UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE : 0
+        // With in-place conversion PRIVATE lives in the guest_memfd, not in the VM.
+        let supported = vms[vm]!.type.hasPrivateMemory && vms[vm]!.conversion == .attributes
+            ? UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE : 0
         if flags != 0 { throw .EINVAL }
         if attributes & ~supported != 0 { throw .EINVAL }
         if size == 0 || address.addingReportingOverflow(size).overflow { throw .EINVAL }

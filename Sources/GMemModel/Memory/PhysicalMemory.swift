@@ -8,6 +8,8 @@ struct Frame: Hashable {
     var refcount: Int32 = 1
     /// Host page-table entries that map the frame.
     var mapcount: Int32 = 0
+    /// GUP pins (FOLL_PIN); each pin also holds a reference.
+    var pincount: Int32 = 0
     /// memory_failure() marked the frame poisoned.
     var hwpoison = false
 }

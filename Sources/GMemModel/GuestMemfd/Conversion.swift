@@ -1,0 +1,109 @@
+import GMemBackend
+
+/// A GUP pin (pin_user_pages): the frames it holds a reference and a pin count on.
+struct Pin: Hashable {
+    var pfns: [UInt64]
+    var longterm: Bool
+}
+
+extension Kernel {
+    // MARK: In-place conversion
+
+    /// KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd (the in-place series, post-6.18).
+    ///
+    /// to-private unmaps the range from every host mapping, then refuses with EAGAIN
+    /// (error_offset: the first page still in use) if any page is still pinned or holds
+    /// extra references; nothing changes then. to-shared has no check. Either way the
+    /// stage-2 entries of the old state are zapped. Contents are preserved: the model's
+    /// platforms (sw_protected, default) do not scrub on conversion.
+    public mutating func setGuestMemfdAttributes(_ fd: Int32, offset: UInt64, size: UInt64, attributes: UInt64, flags: UInt64)
+        -> ConversionOutcome
+    {
+        do {
+            try convertChecks(fd, offset: offset, size: size, attributes: attributes, flags: flags)
+        } catch {
+            return ConversionOutcome(errno: error, errorOffset: 0)
+        }
+        guard case .guestMemfd(let ino, _)? = fds[fd].flatMap({ files[$0]?.kind }) else {
+            return ConversionOutcome(errno: .EBADF, errorOffset: 0)
+        }
+        let range = (offset >> UAPI.pageShift)..<((offset + size) >> UAPI.pageShift)
+        let toPrivate = attributes & UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE != 0
+        // Nothing to do when the whole range already has the value.
+        if gmemInodes[ino]!.privatePages.allEqual(in: range, to: toPrivate) {
+            return ConversionOutcome(errno: nil, errorOffset: 0)
+        }
+        if toPrivate {
+            unmapMappingRange(.guestMemfd(ino), pgoffs: range)
+            if let busy = firstPageInUse(ino, range) {
+                return ConversionOutcome(errno: .EAGAIN, errorOffset: busy << UAPI.pageShift)
+            }
+        }
+        gmemInvalidate(ino, range)
+        gmemInodes[ino]!.privatePages.set(range, to: toPrivate)
+        return ConversionOutcome(errno: nil, errorOffset: 0)
+    }
+
+    /// The post-merge validation, in its order. ENOTTY where the ioctl does not exist
+    /// (not a guest_memfd, or a VM without in-place conversion).
+    func convertChecks(_ fd: Int32, offset: UInt64, size: UInt64, attributes: UInt64, flags: UInt64) throws(Errno) {
+        let (_, f) = try file(fd)
+        guard case .guestMemfd(let ino, let vm) = f.kind, vms[vm]!.conversion == .inPlace else { throw .ENOTTY }
+        if flags != 0 { throw .EINVAL }
+        if !vms[vm]!.type.hasPrivateMemory { throw .EINVAL }
+        if attributes & ~UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE != 0 { throw .EINVAL }
+        let (end, overflow) = offset.addingReportingOverflow(size)
+        if size == 0 || overflow || offset & (UAPI.pageSize - 1) != 0 || size & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
+        let isize = gmemInodes[ino]!.size
+        if offset >= isize || end > isize { throw .EINVAL }
+    }
+
+    /// The refcount check (kvm_gmem_is_safe_for_conversion): a folio in range that is
+    /// maybe-DMA-pinned, still mapped, or referenced beyond the page cache's own
+    /// reference. Returns the first such page offset.
+    ///
+    /// - Complexity: O(min(range, faulted pages)) plus a sort of the busy candidates.
+    func firstPageInUse(_ ino: UInt64, _ range: Range<UInt64>) -> UInt64? {
+        presentKeys(of: gmemInodes[ino]!.folios, in: range).filter { pgoff in
+            let frame = phys[gmemInodes[ino]!.folios[pgoff]!]
+            return frame.pincount > 0 || frame.mapcount > 0 || frame.refcount != 1
+        }.min()
+    }
+
+    // MARK: GUP pins
+
+    /// pin_user_pages(FOLL_WRITE [| FOLL_LONGTERM]) on [address, address + length):
+    /// faults each page in for write and takes a reference and a pin on it. Pages the
+    /// host cannot fault (private guest_memfd, holes past EOF) make the whole call
+    /// EFAULT, with nothing left pinned.
+    public mutating func pin(address: UInt64, length: UInt64, longterm: Bool) throws(Errno) -> UInt64 {
+        let (end, overflow) = address.addingReportingOverflow(length)
+        if length == 0 || overflow || address & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
+        var pfns: [UInt64] = []
+        for vpn in (address >> UAPI.pageShift)..<((end + UAPI.pageSize - 1) >> UAPI.pageShift) {
+            do {
+                let pfn = try hostFault(vpn: vpn, write: true)
+                phys.get(pfn)
+                phys[pfn].pincount += 1
+                pfns.append(pfn)
+            } catch {
+                for pfn in pfns { unpinFrame(pfn) }
+                throw .EFAULT
+            }
+        }
+        let id = newID()
+        pins[id] = Pin(pfns: pfns, longterm: longterm)
+        return id
+    }
+
+    /// unpin_user_pages().
+    public mutating func unpin(_ id: UInt64) throws(Errno) {
+        guard let p = pins.removeValue(forKey: id) else { throw .EINVAL }
+        for pfn in p.pfns { unpinFrame(pfn) }
+    }
+
+    mutating func unpinFrame(_ pfn: UInt64) {
+        phys[pfn].pincount -= 1
+        phys.put(pfn)
+    }
+}
