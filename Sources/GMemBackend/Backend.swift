@@ -172,6 +172,31 @@ public struct PinHandle: Hashable, Sendable {
     public init(id: UInt64) { self.id = id }
 }
 
+/// A broken invariant: which one, the page, who can reach it, and what is wrong.
+public struct Violation: Hashable, Sendable, CustomStringConvertible {
+    public enum Invariant: String, Hashable, Sendable {
+        /// A private page is reachable by host userspace (mapped, pinned) or another VM.
+        case isolation
+        /// A stage-2 entry points at a page the backing store no longer holds there.
+        case coherence
+        /// A binding, mapping or pin outlives what it refers to.
+        case lifetime
+    }
+    public var invariant: Invariant
+    public var page: String
+    public var parties: [String]
+    public var detail: String
+    public var description: String {
+        "\(invariant.rawValue): \(page): \(detail) [\(parties.joined(separator: ", "))]"
+    }
+    public init(invariant: Invariant, page: String, parties: [String], detail: String) {
+        self.invariant = invariant
+        self.page = page
+        self.parties = parties
+        self.detail = detail
+    }
+}
+
 /// Host features a scenario can require (its top-level `requires`). A backend that
 /// lacks one skips the scenario, saying why.
 public enum Feature: String, CaseIterable, Sendable {
@@ -265,6 +290,9 @@ public protocol Backend: AnyObject {
     func pin(address: UInt64, length: UInt64, longterm: Bool) throws(BackendError) -> PinHandle
     /// unpin_user_pages().
     func unpin(_ pin: PinHandle) throws(BackendError)
+    /// The invariants (isolation, coherence, lifetime) over the whole system now.
+    /// Only a backend that can see all the state can answer.
+    func checkInvariants() throws(BackendError) -> [Violation]
     /// memory_failure() on the page of a guest_memfd at `offset` (hwpoison).
     func memoryFailure(fd: FD, offset: UInt64) throws(BackendError)
 }

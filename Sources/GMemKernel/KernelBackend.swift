@@ -585,6 +585,10 @@ public final class KernelBackend: Backend {
         throw .unsupported(missing(.pins)!)
     }
 
+    public func checkInvariants() throws(BackendError) -> [Violation] {
+        throw .unsupported("the kernel's page tables and refcounts cannot be inspected from user space; invariants are checked on the model")
+    }
+
     public func memoryFailure(fd: FD, offset: UInt64) throws(BackendError) {
         throw .unsupported(missing(.memoryFailure)!)
     }

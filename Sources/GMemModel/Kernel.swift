@@ -15,6 +15,9 @@ public struct ModelConfig: Hashable, Sendable {
     public var addressSpaces: UInt32
     /// In-place conversion on guest_memfd (the post-6.18 series) can be chosen per VM.
     public var inPlaceConversion: Bool = true
+    /// Deliberate bugs switched on (for showing that checks catch them); empty for
+    /// the shipped model.
+    public var mutants: Set<Mutant> = []
 
     /// Mainline x86-64 (6.18 guest_memfd semantics) with TDP and
     /// CONFIG_KVM_SW_PROTECTED_VM: `default` and `sw_protected` VMs.

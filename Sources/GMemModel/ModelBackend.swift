@@ -171,6 +171,10 @@ public final class ModelBackend: Backend {
         try run { k throws(Errno) in try k.unpin(pin.id) }
     }
 
+    public func checkInvariants() throws(BackendError) -> [Violation] {
+        kernel.checkSystemInvariants()
+    }
+
     public func memoryFailure(fd: FD, offset: UInt64) throws(BackendError) {
         try run { k throws(Errno) in try k.memoryFailure(fd.raw, offset: offset) }
     }

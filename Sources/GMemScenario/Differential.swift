@@ -43,7 +43,7 @@ public final class DifferentialRunner {
             report.status = .skipped
             report.observation = nil
             report.message = "\(who): \(why)"
-            if a.status != b.status {
+            if a.status != b.status && !step.op.isReadOnly {
                 desynchronized = "not compared: step \(step.index) ran on one backend only"
             }
             return report

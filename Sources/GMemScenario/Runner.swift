@@ -334,6 +334,16 @@ public final class ScenarioRunner {
                 }
                 return o
             }
+        case .checkInvariants:
+            return try call { () throws(BackendError) in
+                let violations = try b.checkInvariants().map { v in
+                    JSON.object(JSONObject([
+                        "invariant": .string(v.invariant.rawValue), "page": .string(v.page),
+                        "parties": .array(v.parties.map { .string($0) }), "detail": .string(v.detail),
+                    ]))
+                }
+                return Observation(result: .ok, value: .object(JSONObject(["violations": .array(violations)])))
+            }
         case .convert(let ref, let offset, let size, let toPrivate):
             let f = try fd(ref)
             return try call { () throws(BackendError) in

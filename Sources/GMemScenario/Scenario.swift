@@ -58,9 +58,19 @@ public enum Op: Hashable, Sendable {
     case memoryFailure(Ref, offset: UInt64)
     case enableCap(vm: Ref, cap: Capability, arg: UInt64)
     case guestProgram(vcpu: Ref, GuestProgram, doorbellResult: UInt64)
+    case checkInvariants
     case convert(Ref, offset: UInt64, size: UInt64, toPrivate: Bool)
     case pin(map: String, offset: UInt64, length: UInt64, longterm: Bool)
     case unpin(pin: String)
+
+    /// Steps that only look: skipping one on one backend of a differential run leaves
+    /// the two systems in the same state.
+    var isReadOnly: Bool {
+        switch self {
+        case .checkInvariants, .fstat, .checkExtension: true
+        default: false
+        }
+    }
 
     /// What kind of handle the step's `as` names.
     var produces: HandleKind? {

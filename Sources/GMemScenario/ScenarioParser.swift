@@ -320,6 +320,8 @@ struct StepReader {
             var ops: [GuestProgram.Op] = []
             for (i, item) in items.enumerated() { ops.append(try guestOp(item, index: i)) }
             return .guestProgram(vcpu: vcpu, GuestProgram(ops), doorbellResult: try optionalNumber("doorbell_result") ?? 0)
+        case "check_invariants":
+            return .checkInvariants
         case "convert":
             let fd = try ref("fd")
             guard let to = try string("to"), to == "private" || to == "shared" else { throw fail("to", "expected \"private\" or \"shared\"") }

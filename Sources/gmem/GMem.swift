@@ -40,6 +40,9 @@ struct BackendOptions: ParsableArguments {
     @Option(name: .customLong("model-config"), help: "What the model's host offers: mainline (x86, TDP, sw_protected VMs) or pvm-host (this project's hosts).")
     var modelConfig: ModelProfile = .mainline
 
+    @Option(name: .customLong("mutant"), help: "Run the model with a deliberate bug (\(Mutant.allCases.map(\.rawValue).joined(separator: ", "))); repeatable.")
+    var mutants: [Mutant] = []
+
     /// Something that runs scenarios: one backend, or two compared step by step.
     struct Executor {
         var name: String
@@ -50,7 +53,9 @@ struct BackendOptions: ParsableArguments {
     func makeExecutor() throws -> Executor {
         switch backend {
         case .model:
-            let r = ScenarioRunner(backend: ModelBackend(config: modelConfig.config))
+            var config = modelConfig.config
+            config.mutants = Set(mutants)
+            let r = ScenarioRunner(backend: ModelBackend(config: config))
             return Executor(name: "model") { r.run($0, report: $1) }
         case .kernel:
             let r = ScenarioRunner(backend: try kernelBackend())
@@ -196,3 +201,5 @@ struct Tour: ParsableCommand {
         if total.failed > 0 { throw ExitCode(1) }
     }
 }
+
+extension Mutant: ExpressibleByArgument {}

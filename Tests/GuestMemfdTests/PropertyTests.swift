@@ -197,6 +197,8 @@ struct PropertyTests {
                 default: _ = try? b.checkExtension(on: fdRaw < 0 ? nil : fd, Capability.allCases[Int(small) % Capability.allCases.count])
                 }
                 b.kernel.checkInvariants()
+                let violations = b.kernel.checkSystemInvariants()
+                #expect(violations.isEmpty, "\(violations) after call \(op)")
             }
         }
     }
@@ -271,6 +273,7 @@ struct ConversionPropertyTests {
                 for p in 0..<Self.pages {
                     #expect(k.gmemInodes[ino]!.privatePages.value(at: UInt64(p)) == isPrivate[p])
                 }
+                #expect(k.checkSystemInvariants().isEmpty, "after \(op)")
                 // Isolation: no private page is mapped or pinned by the host.
                 for (pgoff, pfn) in k.gmemInodes[ino]!.folios where isPrivate[Int(pgoff)] {
                     #expect(k.phys[pfn].mapcount == 0 && k.phys[pfn].pincount == 0, "private page \(pgoff) reachable after \(op)")

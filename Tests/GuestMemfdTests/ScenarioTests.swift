@@ -36,6 +36,7 @@ func scenarioFiles(_ dir: String) -> [String] {
 @Suite("Scenarios")
 struct ScenarioTests {
     static let corpus = scenarioFiles(repositoryRoot + "/scenarios") + scenarioFiles(repositoryRoot + "/scenarios/tour")
+        + scenarioFiles(repositoryRoot + "/scenarios/mutants")
 
     @Test func theCorpusIsThere() {
         #expect(Self.corpus.count >= 16)
@@ -45,10 +46,14 @@ struct ScenarioTests {
     func everyScenarioPassesOnTheModel(_ path: String) throws {
         let text = try #require(readFile(path))
         let scenario = try ScenarioParser.parse(text: text, file: path)
-        let runner = ScenarioRunner(backend: ModelBackend())
+        let model = ModelBackend()
+        let runner = ScenarioRunner(backend: model)
         var failures: [String] = []
         let summary = runner.run(scenario) { r in
             if r.status != .passed { failures.append("step \(r.index) \(r.op): \(r.status) \(r.message ?? "")") }
+            // The shipped model never breaks an invariant, after any step.
+            for v in model.kernel.checkSystemInvariants() { failures.append("after step \(r.index) \(r.op): \(v)") }
+            model.kernel.checkInvariants()
         }
         #expect(failures.isEmpty, "\(failures.joined(separator: "\n"))")
         #expect(summary.passed == scenario.steps.count)
@@ -83,6 +88,19 @@ struct ScenarioTests {
         } catch {
             #expect(error.description.contains(message), "\(error.description)")
         }
+    }
+
+    @Test("every mutant is caught by its scenario", arguments: Mutant.allCases)
+    func mutantsAreCaught(_ mutant: Mutant) throws {
+        let path = repositoryRoot + "/scenarios/mutants/\(mutant.rawValue).json"
+        let scenario = try ScenarioParser.parse(text: try #require(readFile(path)), file: path)
+        var config = ModelConfig.mainline
+        config.mutants = [mutant]
+        var caught: [String] = []
+        _ = ScenarioRunner(backend: ModelBackend(config: config)).run(scenario) { r in
+            if r.op == "check_invariants", r.status == .failed { caught.append(r.message ?? "") }
+        }
+        #expect(!caught.isEmpty, "\(mutant.rawValue) went unnoticed")
     }
 
     @Test func theEmbeddedTourMatchesScenariosTour() throws {

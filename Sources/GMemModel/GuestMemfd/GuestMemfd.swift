@@ -158,7 +158,7 @@ extension Kernel {
         let pages = gmemInodes[ino]!.pages
         guard range.lowerBound < pages else { return }
         let clipped = range.lowerBound..<min(range.upperBound, pages)
-        gmemInvalidate(ino, clipped)
+        if !config.mutants.contains(.skipPunchZap) { gmemInvalidate(ino, clipped) }
         truncateGmemPages(ino, clipped)
     }
 
@@ -210,7 +210,7 @@ extension Kernel {
         let g = gmemFiles.removeValue(forKey: fileID)!
         g.bindings.forEachRun(in: 0..<UInt64.max) { r, slot in
             if let slot {
-                zapGmemBinding(vm: g.vm, slot: slot, pgoffs: r)
+                if !config.mutants.contains(.releaseWithoutZap) { zapGmemBinding(vm: g.vm, slot: slot, pgoffs: r) }
                 vms[g.vm]!.memslots[slot]!.gmem?.fileAlive = false
             }
             return true

@@ -199,7 +199,7 @@ extension Kernel {
         // Nothing to do when the whole range already has the value.
         if vms[vm]!.attributes.allEqual(in: gfns, to: attributes) { return }
         // kvm_arch_pre_set_memory_attributes(): unmap the old side first.
-        zapGfns(vm: vm, gfns)
+        if !config.mutants.contains(.skipAttributeZap) { zapGfns(vm: vm, gfns) }
         vms[vm]!.attributes.set(gfns, to: attributes)
     }
 }

@@ -60,8 +60,11 @@ struct PhysicalMemory: Hashable {
     }
 
     /// Copies `count` bytes at `offset` within the frame into `out`.
+    /// A frame that was freed reads as zeros and drops writes: only a stale mapping (a
+    /// missed invalidation, which the invariant checker reports as incoherent) can
+    /// reach one, and on hardware it would reach whatever reused the page.
     func read(_ pfn: UInt64, offset: Int, count: Int, into out: inout [UInt8]) {
-        if let data = frames[pfn]!.data {
+        if let data = frames[pfn]?.data {
             out.append(contentsOf: data[offset..<offset + count])
         } else {
             out.append(contentsOf: Self.zeroPage[0..<count])
@@ -73,6 +76,7 @@ struct PhysicalMemory: Hashable {
 
     /// Copies `bytes` into the frame at `offset`.
     mutating func write(_ pfn: UInt64, offset: Int, _ bytes: ArraySlice<UInt8>) {
+        guard frames[pfn] != nil else { return }
         if frames[pfn]!.data == nil {
             if bytes.allSatisfy({ $0 == 0 }) { return }
             frames[pfn]!.data = [UInt8](repeating: 0, count: Self.pageSize)

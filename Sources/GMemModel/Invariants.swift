@@ -1,0 +1,100 @@
+import GMemBackend
+
+/// Deliberately broken variants of the model, selectable by name, to show that the
+/// invariant checker (and later the explorer) catches what it claims to.
+public enum Mutant: String, CaseIterable, Hashable, Sendable {
+    /// In-place to-private converts even when pages are pinned.
+    case skipRefcountCheck = "skip-refcount-check"
+    /// Punch-hole truncates without zapping the stage-2 first.
+    case skipPunchZap = "skip-punch-zap"
+    /// Attribute changes do not zap the old side's stage-2 entries.
+    case skipAttributeZap = "skip-attribute-zap"
+    /// Releasing a guest_memfd leaves the SPTEs it backed in place.
+    case releaseWithoutZap = "release-without-zap"
+}
+
+extension Kernel {
+    /// Checks isolation, coherence and lifetime over the whole system now.
+    ///
+    /// - Complexity: O(faulted pages + PTEs + SPTEs + pins).
+    public func checkSystemInvariants() -> [Violation] {
+        var out: [Violation] = []
+        // Who maps each frame in the host.
+        var hostMapped: [UInt64: [UInt64]] = [:]
+        for (vpn, pte) in mm.ptes { hostMapped[pte.pfn, default: []].append(vpn) }
+        var pinnedBy: [UInt64: [UInt64]] = [:]
+        for (id, p) in pins { for pfn in p.pfns { pinnedBy[pfn, default: []].append(id) } }
+
+        // Isolation: private guest_memfd pages.
+        for (ino, inode) in gmemInodes.sorted(by: { $0.key < $1.key }) {
+            let owners = Set(inode.files.compactMap { gmemFiles[$0]?.vm })
+            for (pgoff, pfn) in inode.folios.sorted(by: { $0.key < $1.key }) where !inode.isShared(pgoff) {
+                let page = "guest_memfd inode \(ino) offset 0x\(String(pgoff << 12, radix: 16)) (pfn 0x\(String(pfn, radix: 16)))"
+                if let vpns = hostMapped[pfn] {
+                    out.append(Violation(invariant: .isolation, page: page,
+                        parties: vpns.map { "host PTE at 0x\(String($0 << 12, radix: 16))" }, detail: "private page mapped by host userspace"))
+                }
+                if let ids = pinnedBy[pfn] {
+                    out.append(Violation(invariant: .isolation, page: page,
+                        parties: ids.map { "GUP pin \($0)" }, detail: "private page pinned by the host"))
+                }
+                for (vmID, vm) in vms where !owners.contains(vmID) {
+                    for (gfn, spte) in vm.spte where spte.pfn == pfn {
+                        out.append(Violation(invariant: .isolation, page: page,
+                            parties: ["VM \(vmID) gfn 0x\(String(gfn, radix: 16))"], detail: "private page mapped into another VM"))
+                    }
+                }
+            }
+        }
+
+        // Coherence: every SPTE points at the page its backing holds now.
+        for (vmID, vm) in vms.sorted(by: { $0.key < $1.key }) {
+            for (gfn, spte) in vm.spte.sorted(by: { $0.key < $1.key }) {
+                let party = "VM \(vmID) SPTE gfn 0x\(String(gfn, radix: 16)) -> pfn 0x\(String(spte.pfn, radix: 16))"
+                let page = "gpa 0x\(String(gfn << 12, radix: 16))"
+                guard let slotID = vm.slotByGfn.value(at: gfn), let slot = vm.memslots[slotID] else {
+                    out.append(Violation(invariant: .coherence, page: page, parties: [party], detail: "SPTE with no memslot"))
+                    continue
+                }
+                let expected: UInt64?
+                if spte.isPrivate || slot.gmemOnly {
+                    if let b = slot.gmem, b.fileAlive, let f = gmemFiles[b.file] {
+                        expected = gmemInodes[f.inode]!.folios[b.pgoff + gfn - slot.baseGfn]
+                    } else {
+                        out.append(Violation(invariant: .lifetime, page: page, parties: [party],
+                            detail: "SPTE of a memslot whose guest_memfd is gone"))
+                        continue
+                    }
+                } else {
+                    expected = mm.ptes[(slot.userspaceAddr >> 12) + gfn - slot.baseGfn]?.pfn
+                }
+                if expected != spte.pfn {
+                    out.append(Violation(invariant: .coherence, page: page, parties: [party],
+                        detail: expected.map { "the backing now holds pfn 0x\(String($0, radix: 16))" } ?? "the backing holds no page there"))
+                }
+                if spte.isPrivate != kvmMemIsPrivate(vm: vmID, gfn: gfn) {
+                    out.append(Violation(invariant: .coherence, page: page, parties: [party],
+                        detail: "SPTE maps the \(spte.isPrivate ? "private" : "shared") side of a \(spte.isPrivate ? "shared" : "private") gfn"))
+                }
+            }
+        }
+
+        // Lifetime: bindings and VMAs refer to live objects.
+        for (vmID, vm) in vms {
+            for (id, slot) in vm.memslots {
+                if let b = slot.gmem, b.fileAlive, gmemFiles[b.file] == nil {
+                    out.append(Violation(invariant: .lifetime, page: "memslot \(id)", parties: ["VM \(vmID)"],
+                        detail: "binding to a released guest_memfd file"))
+                }
+            }
+        }
+        mm.vmas.forEachRun(in: 0..<UInt64.max) { run, vma in
+            if let vma, case .file(let fileID, _) = vma.backing, files[fileID] == nil {
+                out.append(Violation(invariant: .lifetime, page: "VMA at 0x\(String(run.lowerBound << 12, radix: 16))",
+                    parties: ["host mm"], detail: "mapping of a released file"))
+            }
+            return true
+        }
+        return out
+    }
+}
