@@ -210,8 +210,17 @@ public enum Feature: String, CaseIterable, Sendable {
     case memoryFailure = "memory_failure"
     /// In-place conversion on guest_memfd (KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES).
     case inPlaceConversion = "in_place_conversion"
-    /// Pages can be pinned with GUP (FOLL_PIN) from a scenario.
+    /// Pages can be pinned with GUP (FOLL_PIN), or referenced by GUP-fast, from a scenario.
     case pins = "pins"
+    /// Host processes can fork and exit.
+    case processes = "processes"
+}
+
+/// A host process: pid 1 is the VMM that drives KVM.
+public struct ProcessHandle: Hashable, Sendable {
+    public var pid: UInt32
+    public init(pid: UInt32) { self.pid = pid }
+    public static let vmm = ProcessHandle(pid: 1)
 }
 
 /// The operations a VMM performs on KVM and guest_memfd: one protocol, implemented
@@ -290,6 +299,16 @@ public protocol Backend: AnyObject {
     func pin(address: UInt64, length: UInt64, longterm: Bool) throws(BackendError) -> PinHandle
     /// unpin_user_pages().
     func unpin(_ pin: PinHandle) throws(BackendError)
+    /// GUP-fast's lockless walk: a speculative reference on each mapped page, held
+    /// until `dropSpeculativeReferences` (the recheck).
+    func gupFastReference(address: UInt64, length: UInt64) throws(BackendError) -> PinHandle
+    func dropSpeculativeReferences(_ handle: PinHandle) throws(BackendError)
+    /// fork(2) of the current process.
+    func fork() throws(BackendError) -> ProcessHandle
+    /// The process that issues the calls that follow.
+    func switchProcess(_ process: ProcessHandle) throws(BackendError)
+    /// exit(2) of `process` (not the VMM).
+    func exitProcess(_ process: ProcessHandle) throws(BackendError)
     /// The invariants (isolation, coherence, lifetime) over the whole system now.
     /// Only a backend that can see all the state can answer.
     func checkInvariants() throws(BackendError) -> [Violation]

@@ -13,6 +13,7 @@ public struct Errno: Error, Hashable, Sendable, CustomStringConvertible {
 
     public static let EPERM = Errno(rawValue: 1)
     public static let ENOENT = Errno(rawValue: 2)
+    public static let ESRCH = Errno(rawValue: 3)
     public static let EINTR = Errno(rawValue: 4)
     public static let EIO = Errno(rawValue: 5)
     public static let ENXIO = Errno(rawValue: 6)
@@ -40,7 +41,7 @@ public struct Errno: Error, Hashable, Sendable, CustomStringConvertible {
     public static let EHWPOISON = Errno(rawValue: 133)
 
     static let names: [Int32: String] = [
-        1: "EPERM", 2: "ENOENT", 4: "EINTR", 5: "EIO", 6: "ENXIO", 7: "E2BIG", 9: "EBADF",
+        1: "EPERM", 2: "ENOENT", 3: "ESRCH", 4: "EINTR", 5: "EIO", 6: "ENXIO", 7: "E2BIG", 9: "EBADF",
         11: "EAGAIN", 12: "ENOMEM", 13: "EACCES", 14: "EFAULT", 16: "EBUSY", 17: "EEXIST",
         18: "EXDEV", 19: "ENODEV", 21: "EISDIR", 22: "EINVAL", 24: "EMFILE", 25: "ENOTTY",
         27: "EFBIG", 28: "ENOSPC", 29: "ESPIPE", 34: "ERANGE", 38: "ENOSYS", 75: "EOVERFLOW",

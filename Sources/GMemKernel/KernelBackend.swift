@@ -109,6 +109,8 @@ public final class KernelBackend: Backend {
                 ? "KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES is 0: no in-place conversion in this kernel" : nil
         case .pins:
             return "pinning from a scenario needs CONFIG_GUP_TEST or io_uring buffers; not yet in the kernel backend"
+        case .processes:
+            return "the kernel backend drives one process; forked host processes run on the model"
         }
     }
 
@@ -583,6 +585,26 @@ public final class KernelBackend: Backend {
 
     public func unpin(_ pin: PinHandle) throws(BackendError) {
         throw .unsupported(missing(.pins)!)
+    }
+
+    public func gupFastReference(address: UInt64, length: UInt64) throws(BackendError) -> PinHandle {
+        throw .unsupported(missing(.pins)!)
+    }
+
+    public func dropSpeculativeReferences(_ handle: PinHandle) throws(BackendError) {
+        throw .unsupported(missing(.pins)!)
+    }
+
+    public func fork() throws(BackendError) -> ProcessHandle {
+        throw .unsupported(missing(.processes)!)
+    }
+
+    public func switchProcess(_ process: ProcessHandle) throws(BackendError) {
+        if process != .vmm { throw .unsupported(missing(.processes)!) }
+    }
+
+    public func exitProcess(_ process: ProcessHandle) throws(BackendError) {
+        throw .unsupported(missing(.processes)!)
     }
 
     public func checkInvariants() throws(BackendError) -> [Violation] {

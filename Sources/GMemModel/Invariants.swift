@@ -11,6 +11,9 @@ public enum Mutant: String, CaseIterable, Hashable, Sendable {
     case skipAttributeZap = "skip-attribute-zap"
     /// Releasing a guest_memfd leaves the SPTEs it backed in place.
     case releaseWithoutZap = "release-without-zap"
+    /// fork shares pinned pages copy-on-write and COW decides by page_count: the
+    /// pinning process's next write moves it off the page its device still sees.
+    case cowIgnoresPins = "cow-ignores-pins"
 }
 
 extension Kernel {
@@ -20,8 +23,12 @@ extension Kernel {
     public func checkSystemInvariants() -> [Violation] {
         var out: [Violation] = []
         // Who maps each frame in the host.
-        var hostMapped: [UInt64: [UInt64]] = [:]
-        for (vpn, pte) in mm.ptes { hostMapped[pte.pfn, default: []].append(vpn) }
+        var hostMapped: [UInt64: [String]] = [:]
+        for (pid, p) in processes.sorted(by: { $0.key < $1.key }) {
+            for (vpn, pte) in p.mm.ptes.sorted(by: { $0.key < $1.key }) {
+                hostMapped[pte.pfn, default: []].append("process \(pid) PTE at 0x\(String(vpn << 12, radix: 16))")
+            }
+        }
         var pinnedBy: [UInt64: [UInt64]] = [:]
         for (id, p) in pins { for pfn in p.pfns { pinnedBy[pfn, default: []].append(id) } }
 
@@ -30,9 +37,9 @@ extension Kernel {
             let owners = Set(inode.files.compactMap { gmemFiles[$0]?.vm })
             for (pgoff, pfn) in inode.folios.sorted(by: { $0.key < $1.key }) where !inode.isShared(pgoff) {
                 let page = "guest_memfd inode \(ino) offset 0x\(String(pgoff << 12, radix: 16)) (pfn 0x\(String(pfn, radix: 16)))"
-                if let vpns = hostMapped[pfn] {
-                    out.append(Violation(invariant: .isolation, page: page,
-                        parties: vpns.map { "host PTE at 0x\(String($0 << 12, radix: 16))" }, detail: "private page mapped by host userspace"))
+                if let mappers = hostMapped[pfn] {
+                    out.append(Violation(invariant: .isolation, page: page, parties: mappers,
+                        detail: "private page mapped by host userspace"))
                 }
                 if let ids = pinnedBy[pfn] {
                     out.append(Violation(invariant: .isolation, page: page,
@@ -66,7 +73,7 @@ extension Kernel {
                         continue
                     }
                 } else {
-                    expected = mm.ptes[(slot.userspaceAddr >> 12) + gfn - slot.baseGfn]?.pfn
+                    expected = processes[vm.mmPID]?.mm.ptes[(slot.userspaceAddr >> 12) + gfn - slot.baseGfn]?.pfn
                 }
                 if expected != spte.pfn {
                     out.append(Violation(invariant: .coherence, page: page, parties: [party],
@@ -75,6 +82,20 @@ extension Kernel {
                 if spte.isPrivate != kvmMemIsPrivate(vm: vmID, gfn: gfn) {
                     out.append(Violation(invariant: .coherence, page: page, parties: [party],
                         detail: "SPTE maps the \(spte.isPrivate ? "private" : "shared") side of a \(spte.isPrivate ? "shared" : "private") gfn"))
+                }
+            }
+        }
+
+        // Coherence of pins: a pinned page is the page the pinning process maps there,
+        // so a device and the CPU see the same memory.
+        for (id, pin) in pins.sorted(by: { $0.key < $1.key }) {
+            guard let p = processes[pin.pid] else { continue }
+            for (i, pfn) in pin.pfns.enumerated() {
+                let vpn = pin.firstVPN + UInt64(i)
+                if let pte = p.mm.ptes[vpn], pte.pfn != pfn {
+                    out.append(Violation(invariant: .coherence, page: "process \(pin.pid) address 0x\(String(vpn << 12, radix: 16))",
+                        parties: ["GUP pin \(id) -> pfn 0x\(String(pfn, radix: 16))", "PTE -> pfn 0x\(String(pte.pfn, radix: 16))"],
+                        detail: "the CPU maps a different page than the pin holds"))
                 }
             }
         }
@@ -88,12 +109,14 @@ extension Kernel {
                 }
             }
         }
-        mm.vmas.forEachRun(in: 0..<UInt64.max) { run, vma in
-            if let vma, case .file(let fileID, _) = vma.backing, files[fileID] == nil {
-                out.append(Violation(invariant: .lifetime, page: "VMA at 0x\(String(run.lowerBound << 12, radix: 16))",
-                    parties: ["host mm"], detail: "mapping of a released file"))
+        for (pid, p) in processes {
+            p.mm.vmas.forEachRun(in: 0..<UInt64.max) { run, vma in
+                if let vma, case .file(let fileID, _) = vma.backing, files[fileID] == nil {
+                    out.append(Violation(invariant: .lifetime, page: "VMA at 0x\(String(run.lowerBound << 12, radix: 16))",
+                        parties: ["process \(pid)"], detail: "mapping of a released file"))
+                }
+                return true
             }
-            return true
         }
         return out
     }

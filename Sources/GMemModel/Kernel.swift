@@ -58,23 +58,42 @@ struct OpenFile: Hashable {
 public struct Kernel: Hashable {
     public internal(set) var config: ModelConfig
     var phys = PhysicalMemory()
-    var fds: [Int32: UInt64] = [:]
-    /// No descriptor below this one is free (the search for the lowest free fd
-    /// starts here, as the kernel's fdtable keeps next_fd).
-    var nextFD: Int32 = 3
     var files: [UInt64: OpenFile] = [:]
     var vms: [UInt64: VM] = [:]
     var gmemInodes: [UInt64: GmemInode] = [:]
     /// guest_memfd file state (struct gmem_file), by file id.
     var gmemFiles: [UInt64: GmemFile] = [:]
     var shmemInodes: [UInt64: ShmemInode] = [:]
-    var mm = AddressSpace()
-    /// GUP pins held by the process: the frames each pin holds.
+    /// Host processes by pid. Pid 1 is the VMM that drives KVM; fork adds more.
+    var processes: [UInt32: Process] = [1: Process()]
+    /// The process that issues the next call.
+    public internal(set) var currentPID: UInt32 = 1
+    /// GUP pins held by processes: the frames each pin holds.
     var pins: [UInt64: Pin] = [:]
+    /// GUP-fast references between their walk and their recheck.
+    var speculativeRefs: [UInt64: SpeculativeRef] = [:]
     var nextID: UInt64 = 1
 
     public init(config: ModelConfig = .mainline) {
         self.config = config
+    }
+
+    /// The current process's fd table.
+    var fds: [Int32: UInt64] {
+        get { processes[currentPID]!.fds }
+        _modify { yield &processes[currentPID]!.fds }
+    }
+
+    /// No descriptor below this one is free in the current process.
+    var nextFD: Int32 {
+        get { processes[currentPID]!.nextFD }
+        _modify { yield &processes[currentPID]!.nextFD }
+    }
+
+    /// The current process's address space.
+    var mm: AddressSpace {
+        get { processes[currentPID]!.mm }
+        _modify { yield &processes[currentPID]!.mm }
     }
 
     mutating func newID() -> UInt64 {
@@ -170,7 +189,7 @@ public struct Kernel: Hashable {
             inode.state.checkInvariants()
             for (_, pfn) in inode.folios { precondition(phys.contains(pfn), "page cache holds a freed frame") }
         }
-        mm.vmas.checkInvariants()
+        for (_, p) in processes { p.mm.vmas.checkInvariants() }
         // Every pin holds its frames; pin counts add up.
         var pinned: [UInt64: Int32] = [:]
         for (_, p) in pins {

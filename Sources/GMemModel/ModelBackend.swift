@@ -19,7 +19,7 @@ public final class ModelBackend: Backend {
             return c.memoryAttributesIoctl ? nil : "the modelled host has no KVM_SET_MEMORY_ATTRIBUTES (--model-config)"
         case .preFaultMemory:
             return c.tdp ? nil : "the modelled host uses shadow paging: no KVM_PRE_FAULT_MEMORY (--model-config)"
-        case .memoryFailure, .pins:
+        case .memoryFailure, .pins, .processes:
             return nil
         case .inPlaceConversion:
             return c.inPlaceConversion ? nil : "the modelled host has no in-place conversion (--model-config)"
@@ -169,6 +169,26 @@ public final class ModelBackend: Backend {
 
     public func unpin(_ pin: PinHandle) throws(BackendError) {
         try run { k throws(Errno) in try k.unpin(pin.id) }
+    }
+
+    public func gupFastReference(address: UInt64, length: UInt64) throws(BackendError) -> PinHandle {
+        PinHandle(id: try run { k throws(Errno) in try k.gupFastReference(address: address, length: length) })
+    }
+
+    public func dropSpeculativeReferences(_ handle: PinHandle) throws(BackendError) {
+        try run { k throws(Errno) in try k.dropSpeculativeRefs(handle.id) }
+    }
+
+    public func fork() throws(BackendError) -> ProcessHandle {
+        ProcessHandle(pid: kernel.fork())
+    }
+
+    public func switchProcess(_ process: ProcessHandle) throws(BackendError) {
+        try run { k throws(Errno) in try k.switchProcess(process.pid) }
+    }
+
+    public func exitProcess(_ process: ProcessHandle) throws(BackendError) {
+        try run { k throws(Errno) in try k.exitProcess(process.pid) }
     }
 
     public func checkInvariants() throws(BackendError) -> [Violation] {

@@ -81,6 +81,7 @@ public final class DifferentialRunner {
         guard case .object(var o)? = value else { return value }
         switch step.op {
         case .createVM, .createVCPU, .createGuestMemfd, .memfdCreate: o["fd"] = nil
+        case .fork: o["pid"] = nil
         case .mmap: o["addr"] = nil
         default: break
         }

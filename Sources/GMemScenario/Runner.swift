@@ -58,6 +58,10 @@ public final class ScenarioRunner {
     private var vcpuNames: Set<String> = []
     private var maps: [String: Mapping] = [:]
     private var pins: [String: PinHandle] = [:]
+    private var refs: [String: PinHandle] = [:]
+    private var processes: [String: ProcessHandle] = [:]
+    /// The process the backend is issuing calls as.
+    private var current = ProcessHandle.vmm
     private var implicitVCPUs: [Ref: FD] = [:]
     /// Handles whose creating step did not produce them, with the step index.
     private var missing: [String: Int] = [:]
@@ -177,7 +181,58 @@ public final class ScenarioRunner {
 
     func execute(_ step: Step) throws(Skip) -> Observation {
         let b = backend
+        var target = ProcessHandle.vmm
+        if let p = step.process {
+            guard let h = processes[p] else {
+                throw Skip(reason: missing[p].map { "process '\(p)' was not created (step \($0))" } ?? "process '\(p)' has exited")
+            }
+            target = h
+        }
+        if target != current {
+            do {
+                try b.switchProcess(target)
+            } catch {
+                switch error {
+                case .errno(let e): return Observation(result: .errno(e))
+                case .unsupported(let why): throw Skip(reason: why)
+                }
+            }
+            current = target
+        }
         switch step.op {
+        case .fork:
+            return try call { () throws(BackendError) in
+                let child = try b.fork()
+                if let n = step.name {
+                    processes[n] = child
+                    missing[n] = nil
+                }
+                return Observation(result: .ok, value: .object(JSONObject(["pid": .int(child.pid)])))
+            }
+        case .exitProcess:
+            return try call { () throws(BackendError) in
+                try b.exitProcess(target)
+                if let n = step.process { processes[n] = nil }
+                current = .vmm
+                return Observation(result: .ok)
+            }
+        case .gupFast(let name, let offset, let length):
+            let m = try mapping(name)
+            return try call { () throws(BackendError) in
+                let r = try b.gupFastReference(address: m.address &+ offset, length: length)
+                if let n = step.name {
+                    refs[n] = r
+                    missing[n] = nil
+                }
+                return Observation(result: .ok)
+            }
+        case .gupFastDrop(let name):
+            guard let r = refs[name] else { throw Skip(reason: "reference '\(name)' is not held") }
+            return try call { () throws(BackendError) in
+                try b.dropSpeculativeReferences(r)
+                refs[name] = nil
+                return Observation(result: .ok)
+            }
         case .createVM(let type, let conversion):
             return try call { () throws(BackendError) in bind(step, try b.createVM(type: type, conversion: conversion)) }
         case .createVCPU(let vm, let id):

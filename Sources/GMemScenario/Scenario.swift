@@ -59,6 +59,10 @@ public enum Op: Hashable, Sendable {
     case enableCap(vm: Ref, cap: Capability, arg: UInt64)
     case guestProgram(vcpu: Ref, GuestProgram, doorbellResult: UInt64)
     case checkInvariants
+    case fork
+    case exitProcess
+    case gupFast(map: String, offset: UInt64, length: UInt64)
+    case gupFastDrop(ref: String)
     case convert(Ref, offset: UInt64, size: UInt64, toPrivate: Bool)
     case pin(map: String, offset: UInt64, length: UInt64, longterm: Bool)
     case unpin(pin: String)
@@ -79,6 +83,8 @@ public enum Op: Hashable, Sendable {
         case .createVCPU, .createGuestMemfd, .memfdCreate: .fd
         case .mmap: .map
         case .pin: .pin
+        case .fork: .process
+        case .gupFast: .ref
         default: nil
         }
     }
@@ -86,7 +92,7 @@ public enum Op: Hashable, Sendable {
 
 /// Handle namespaces: file descriptors, host mappings, pins.
 public enum HandleKind: String, Hashable, Sendable {
-    case fd, map, pin
+    case fd, map, pin, process, ref
 }
 
 /// How a step ended, as `expect` names it and as `--json` reports it.
@@ -115,6 +121,8 @@ public struct Step: Hashable, Sendable {
     public var opName: String
     public var op: Op
     public var name: String?
+    /// The host process that issues the call (a name from `fork`); nil: the VMM.
+    public var process: String?
     public var expect: Outcome
     public var expectValue: JSON?
     public var expectBytes: [UInt8]?

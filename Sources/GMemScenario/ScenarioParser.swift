@@ -3,7 +3,7 @@ import GMemBackend
 /// Reads scenario files into typed steps, checking every op, field, number and
 /// handle name before anything runs.
 public enum ScenarioParser {
-    static let commonFields: Set<String> = ["op", "as", "expect", "expect_value", "expect_bytes", "expect_exit", "comment"]
+    static let commonFields: Set<String> = ["op", "as", "process", "expect", "expect_value", "expect_bytes", "expect_exit", "comment"]
 
     static let gmemFlags: [String: UInt64] = ["mmap": UAPI.GUEST_MEMFD_FLAG_MMAP, "init_shared": UAPI.GUEST_MEMFD_FLAG_INIT_SHARED]
     static let slotFlags: [String: UInt64] = [
@@ -196,6 +196,14 @@ struct StepReader {
         op = opName
         let parsed = try readOp(opName)
         let name = try string("as")
+        var process: String?
+        if obj["process"] != nil {
+            guard case .name(let p) = try ref("process", kind: .process) else { throw fail("process", "expected a process name from fork") }
+            process = p
+        }
+        if case .exitProcess = parsed, process == nil {
+            throw fail("process", "exit_process needs \"process\": the forked process that exits (the VMM cannot)")
+        }
         var expect = Outcome.ok
         if let e = try string("expect") {
             switch e {
@@ -220,7 +228,7 @@ struct StepReader {
         let comment = try string("comment")
         try finish()
         return Step(
-            index: index, opName: opName, op: parsed, name: name, expect: expect, expectValue: expectValue,
+            index: index, opName: opName, op: parsed, name: name, process: process, expect: expect, expectValue: expectValue,
             expectBytes: expectBytes, expectExit: expectExit, comment: comment)
     }
 
@@ -322,6 +330,15 @@ struct StepReader {
             return .guestProgram(vcpu: vcpu, GuestProgram(ops), doorbellResult: try optionalNumber("doorbell_result") ?? 0)
         case "check_invariants":
             return .checkInvariants
+        case "fork":
+            return .fork
+        case "exit_process":
+            return .exitProcess
+        case "gup_fast":
+            return .gupFast(map: try mapName("map"), offset: try optionalNumber("offset") ?? 0, length: try number("len"))
+        case "gup_fast_drop":
+            guard case .name(let n) = try ref("ref", kind: .ref) else { throw fail("ref", "expected a gup_fast reference name") }
+            return .gupFastDrop(ref: n)
         case "convert":
             let fd = try ref("fd")
             guard let to = try string("to"), to == "private" || to == "shared" else { throw fail("to", "expected \"private\" or \"shared\"") }

@@ -144,11 +144,12 @@ struct PropertyTests {
     static let number = Gen.int(in: 0...14).map { edges[$0] }
 
     @Test func noSequenceOfCallsTrapsOrBreaksTheModel() async {
-        let call = PropertyBased.zip(Gen.int(in: 0...23), Gen.int(in: -1...12), Self.number, Self.number, Gen.uint32(in: 0...255))
+        let call = PropertyBased.zip(Gen.int(in: 0...27), Gen.int(in: -1...12), Self.number, Self.number, Gen.uint32(in: 0...255))
         await propertyCheck(count: 300, input: call.array(of: 1...60)) { calls in
             let b = ModelBackend()
             var maps: [Mapping] = []
             var pins: [PinHandle] = []
+            var refs: [PinHandle] = []
             for (op, fdRaw, x, y, small) in calls {
                 let fd = FD(Int32(fdRaw))
                 let bytes = [UInt8](repeating: UInt8(truncatingIfNeeded: small), count: Int(small % 9))
@@ -194,6 +195,16 @@ struct PropertyTests {
                     }
                 case 22:
                     if let p = pins.popLast() { _ = try? b.unpin(p) }
+                case 23:
+                    if small % 4 == 0 { _ = try? b.fork() }
+                case 24: _ = try? b.switchProcess(ProcessHandle(pid: 1 + small % 3))
+                case 25: _ = try? b.exitProcess(ProcessHandle(pid: 2 + small % 2))
+                case 26:
+                    if let m = maps.last, let r = try? b.gupFastReference(address: (m.address &+ (x % (1 << 22))) & ~4095, length: 4096 * UInt64(1 + small % 3)) {
+                        refs.append(r)
+                    }
+                case 27:
+                    if let r = refs.popLast() { _ = try? b.dropSpeculativeReferences(r) }
                 default: _ = try? b.checkExtension(on: fdRaw < 0 ? nil : fd, Capability.allCases[Int(small) % Capability.allCases.count])
                 }
                 b.kernel.checkInvariants()

@@ -4,6 +4,15 @@ import GMemBackend
 struct Pin: Hashable {
     var pfns: [UInt64]
     var longterm: Bool
+    /// The pinning process and the virtual page of `pfns[0]`.
+    var pid: UInt32
+    var firstVPN: UInt64
+}
+
+/// A GUP-fast speculative reference: taken on what the page table showed, before
+/// the recheck that would drop it.
+struct SpeculativeRef: Hashable {
+    var pfns: [UInt64]
 }
 
 extension Kernel {
@@ -92,8 +101,36 @@ extension Kernel {
             }
         }
         let id = newID()
-        pins[id] = Pin(pfns: pfns, longterm: longterm)
+        pins[id] = Pin(pfns: pfns, longterm: longterm, pid: currentPID, firstVPN: address >> UAPI.pageShift)
         return id
+    }
+
+    /// GUP-fast's first half: walk the page tables without locks and take a
+    /// reference on each page present (no fault, no pin). Until `dropSpeculativeRefs`
+    /// (the recheck failing, or the caller finishing), the pages carry an extra
+    /// reference that a conversion's refcount check sees. EFAULT where a page is not
+    /// mapped (GUP-fast would fall back to the slow path, which faults).
+    public mutating func gupFastReference(address: UInt64, length: UInt64) throws(Errno) -> UInt64 {
+        let (end, overflow) = address.addingReportingOverflow(length)
+        if length == 0 || overflow || address & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
+        var pfns: [UInt64] = []
+        for vpn in (address >> UAPI.pageShift)..<((end + UAPI.pageSize - 1) >> UAPI.pageShift) {
+            guard let pte = mm.ptes[vpn] else {
+                for pfn in pfns { phys.put(pfn) }
+                throw .EFAULT
+            }
+            phys.get(pte.pfn)
+            pfns.append(pte.pfn)
+        }
+        let id = newID()
+        speculativeRefs[id] = SpeculativeRef(pfns: pfns)
+        return id
+    }
+
+    /// GUP-fast's recheck and put_page(): drops the speculative references.
+    public mutating func dropSpeculativeRefs(_ id: UInt64) throws(Errno) {
+        guard let r = speculativeRefs.removeValue(forKey: id) else { throw .EINVAL }
+        for pfn in r.pfns { phys.put(pfn) }
     }
 
     /// unpin_user_pages().

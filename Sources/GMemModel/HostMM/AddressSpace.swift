@@ -41,6 +41,14 @@ struct AddressSpace: Hashable {
     var nextVPN: UInt64 = 0x7f00_0000_0000 >> UAPI.pageShift
 }
 
+/// A host process: its fd table and its mm.
+struct Process: Hashable {
+    var fds: [Int32: UInt64] = [:]
+    /// No descriptor below this one is free (the kernel's fdtable keeps next_fd).
+    var nextFD: Int32 = 3
+    var mm = AddressSpace()
+}
+
 /// Why a host access faulted.
 enum HostFault: Error {
     case sigbus(vpn: UInt64)
@@ -106,7 +114,7 @@ extension Kernel {
             if let vma, affected.last?.id != vma.id { affected.append(vma) }
             return true
         }
-        zapPTEs(range)
+        zapPTEs(pid: currentPID, range)
         mm.vmas.set(range, to: nil)
         for vma in affected {
             guard case .file(let fileID, _) = vma.backing else { continue }
@@ -119,21 +127,27 @@ extension Kernel {
 
     // MARK: Page tables
 
-    /// Removes the PTEs of `range` (zap_page_range), after telling secondary MMUs.
-    mutating func zapPTEs(_ range: Range<UInt64>) {
-        mmuNotifierInvalidate(range)
-        for vpn in presentKeys(of: mm.ptes, in: range) {
-            let pte = mm.ptes.removeValue(forKey: vpn)!
+    /// Removes the PTEs of `range` in process `pid` (zap_page_range), after telling
+    /// the secondary MMUs registered on that mm.
+    mutating func zapPTEs(pid: UInt32, _ range: Range<UInt64>) {
+        mmuNotifierInvalidate(pid: pid, range)
+        for vpn in presentKeys(of: processes[pid]!.mm.ptes, in: range) {
+            let pte = processes[pid]!.mm.ptes.removeValue(forKey: vpn)!
             phys[pte.pfn].mapcount -= 1
             phys.put(pte.pfn)
         }
     }
 
-    /// unmap_mapping_range(): removes every PTE, in every VMA of the process, that
-    /// maps pages `pgoffs` of `object`.
+    /// unmap_mapping_range(): removes every PTE, in every VMA of every process, that
+    /// maps pages `pgoffs` of `object` (the file's rmap spans processes: a forked
+    /// child's shared mapping goes too).
     mutating func unmapMappingRange(_ object: MappedObject, pgoffs: Range<UInt64>) {
+        for pid in processes.keys.sorted() { unmapMappingRange(pid: pid, object, pgoffs: pgoffs) }
+    }
+
+    mutating func unmapMappingRange(pid: UInt32, _ object: MappedObject, pgoffs: Range<UInt64>) {
         var ranges: [Range<UInt64>] = []
-        mm.vmas.forEachRun(in: 0..<UInt64.max) { run, vma in
+        processes[pid]!.mm.vmas.forEachRun(in: 0..<UInt64.max) { run, vma in
             guard let vma, case .file(_, let o) = vma.backing, o == object else { return true }
             // The VMA's pages that map pgoffs.
             let lo = max(vma.pgoff(ofPage: run.lowerBound), pgoffs.lowerBound)
@@ -144,7 +158,7 @@ extension Kernel {
             }
             return true
         }
-        for r in ranges { zapPTEs(r) }
+        for r in ranges { zapPTEs(pid: pid, r) }
     }
 
     // MARK: Host faults
@@ -159,7 +173,7 @@ extension Kernel {
         var writable = vma.prot.contains(.write)
         switch vma.backing {
         case .anonymous:
-            if let pte = mm.ptes[vpn] { return pte.pfn }
+            if mm.ptes[vpn] != nil { return breakCOW(vpn) }
             pfn = phys.allocate()  // the PTE's reference
             phys[pfn].mapcount = 1
             mm.ptes[vpn] = PTE(pfn: pfn, writable: writable)
@@ -174,6 +188,10 @@ extension Kernel {
             let cache = shmemGetPage(ino, pgoff: pgoff)
             if vma.shared {
                 pfn = cache
+            } else if write, let old = mm.ptes[vpn], old.pfn != cache {
+                // Already a private copy, shared copy-on-write after fork.
+                _ = old
+                return breakCOW(vpn)
             } else if write {
                 // A private file mapping: copy on write into an anonymous page.
                 if let old = mm.ptes.removeValue(forKey: vpn) {
@@ -245,5 +263,94 @@ extension Kernel {
     /// A one-byte host load at `address` (for benchmarks and tools).
     public mutating func hostRead(address: UInt64) -> HostAccess {
         hostAccess(address: address, count: 1, write: nil)
+    }
+}
+
+extension Kernel {
+    // MARK: Copy on write and fork
+
+    /// do_wp_page() on a present, write-protected private page: reuse it when this
+    /// PTE is its only mapping (the page is exclusive to the process), else copy.
+    /// Deciding by mapcount, not page_count, keeps a pinned page with the process that
+    /// pinned it.
+    mutating func breakCOW(_ vpn: UInt64) -> UInt64 {
+        let old = mm.ptes[vpn]!
+        let exclusive = phys[old.pfn].mapcount == 1
+        // The mutant decides by page_count, as Linux did before the fix: a pin's extra
+        // reference then forces a copy away from the pinned page.
+        let reuse = config.mutants.contains(.cowIgnoresPins) ? exclusive && phys[old.pfn].refcount == 1 : exclusive
+        if reuse {
+            mm.ptes[vpn]!.writable = true
+            return old.pfn
+        }
+        let copy = phys.allocate()
+        phys.copy(from: old.pfn, to: copy)
+        phys[copy].mapcount = 1
+        mmuNotifierInvalidate(pid: currentPID, vpn..<vpn + 1)
+        phys[old.pfn].mapcount -= 1
+        phys.put(old.pfn)
+        mm.ptes[vpn] = PTE(pfn: copy, writable: true)
+        return copy
+    }
+
+    /// fork(2): the child gets a copy of the fd table and the mm. Shared mappings map
+    /// the same pages; private pages become copy-on-write in both, except pages that
+    /// may be DMA-pinned, which the child gets a copy of at once so the pinning parent
+    /// keeps its page writable (copy_present_page, the page_count/mapcount fix).
+    public mutating func fork() -> UInt32 {
+        let parent = currentPID
+        let child = (processes.keys.max() ?? 1) + 1
+        var p = processes[parent]!
+        for id in p.fds.values { files[id]!.refs += 1 }
+        var fileVMAs: Set<UInt64> = []
+        p.mm.vmas.forEachRun(in: 0..<UInt64.max) { _, vma in
+            if let vma, case .file(let fileID, _) = vma.backing, fileVMAs.insert(vma.id).inserted { files[fileID]!.refs += 1 }
+            return true
+        }
+        for (vpn, pte) in p.mm.ptes.sorted(by: { $0.key < $1.key }) {
+            guard let vma = p.mm.vmas.value(at: vpn) else { continue }
+            let pinned = phys[pte.pfn].pincount > 0 && !config.mutants.contains(.cowIgnoresPins)
+            if vma.shared {
+                phys.get(pte.pfn)
+                phys[pte.pfn].mapcount += 1
+            } else if pinned {
+                let copy = phys.allocate()
+                phys.copy(from: pte.pfn, to: copy)
+                phys[copy].mapcount = 1
+                p.mm.ptes[vpn] = PTE(pfn: copy, writable: pte.writable)
+            } else {
+                phys.get(pte.pfn)
+                phys[pte.pfn].mapcount += 1
+                p.mm.ptes[vpn]!.writable = false
+                processes[parent]!.mm.ptes[vpn]!.writable = false
+            }
+        }
+        processes[child] = p
+        return child
+    }
+
+    /// Makes `pid` the process that issues the following calls.
+    public mutating func switchProcess(_ pid: UInt32) throws(Errno) {
+        guard processes[pid] != nil else { throw .ESRCH }
+        currentPID = pid
+    }
+
+    /// exit(2) of process `pid`: its mappings and descriptors go. The VMM (pid 1)
+    /// cannot exit here: everything else is anchored to it.
+    public mutating func exitProcess(_ pid: UInt32) throws(Errno) {
+        guard pid != 1, processes[pid] != nil else { throw .ESRCH }
+        let saved = currentPID
+        currentPID = pid
+        zapPTEs(pid: pid, 0..<(UAPI.TASK_SIZE_MAX >> UAPI.pageShift))
+        var fileVMAs: [UInt64: UInt64] = [:]
+        mm.vmas.forEachRun(in: 0..<UInt64.max) { _, vma in
+            if let vma, case .file(let fileID, _) = vma.backing { fileVMAs[vma.id] = fileID }
+            return true
+        }
+        for pin in pins where pin.value.pid == pid { try? unpin(pin.key) }
+        for fd in Array(fds.keys) { try? close(fd) }
+        processes[pid] = nil
+        currentPID = saved == pid ? 1 : saved
+        for (_, fileID) in fileVMAs { putFile(fileID) }
     }
 }

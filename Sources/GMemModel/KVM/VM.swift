@@ -41,6 +41,8 @@ struct VM: Hashable {
     let id: UInt64
     let type: VMType
     let conversion: ConversionPolicy
+    /// The process whose mm KVM's MMU notifier is registered on (the creator's).
+    let mmPID: UInt32
     /// users_count: the VM fd, each vCPU fd and each guest_memfd file.
     var refs = 1
     var memslots: [UInt32: Memslot] = [:]
@@ -72,7 +74,7 @@ extension Kernel {
             let vmType = VMType.allCases.first(where: { $0.number == type })
         else { throw .EINVAL }
         let id = newID()
-        vms[id] = VM(id: id, type: vmType, conversion: conversion)
+        vms[id] = VM(id: id, type: vmType, conversion: conversion, mmPID: currentPID)
         return installFD(.vm(id))
     }
 
@@ -159,11 +161,11 @@ extension Kernel {
         zapGfns(vm: vm, (s.baseGfn + lo - g.pgoff)..<(s.baseGfn + hi - g.pgoff))
     }
 
-    /// The MMU notifier's invalidate_range_start for the process: every VM zaps the
-    /// shared SPTEs that map host virtual pages `vpns` through a memslot's
-    /// userspace_addr.
-    mutating func mmuNotifierInvalidate(_ vpns: Range<UInt64>) {
-        for id in vms.keys {
+    /// The MMU notifier's invalidate_range_start for process `pid`: every VM created
+    /// by that process zaps the shared SPTEs that map host virtual pages `vpns`
+    /// through a memslot's userspace_addr.
+    mutating func mmuNotifierInvalidate(pid: UInt32, _ vpns: Range<UInt64>) {
+        for id in vms.keys where vms[id]!.mmPID == pid {
             var zaps: [Range<UInt64>] = []
             for (_, s) in vms[id]!.memslots where !s.gmemOnly {
                 let first = s.userspaceAddr >> UAPI.pageShift
