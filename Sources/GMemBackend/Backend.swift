@@ -214,6 +214,18 @@ public enum Feature: String, CaseIterable, Sendable {
     case pins = "pins"
     /// Host processes can fork and exit.
     case processes = "processes"
+    /// IOMMU domains and device DMA.
+    case iommu = "iommu"
+}
+
+/// How a device's IOMMU is managed: a policy per domain.
+public enum IOMMUModel: String, CaseIterable, Hashable, Sendable {
+    /// The host maps DMA by long-term pinning the pages (VFIO_IOMMU_MAP_DMA): a
+    /// mapped page is pinned, so it blocks to-private until unmapped.
+    case vfio
+    /// A hypervisor owns the IOMMU (pKVM-style) and maps guest memory by hypercall:
+    /// it refuses private pages, and conversion of a mapped page is refused.
+    case hypervisor
 }
 
 /// A host process: pid 1 is the VMM that drives KVM.
@@ -309,6 +321,15 @@ public protocol Backend: AnyObject {
     func switchProcess(_ process: ProcessHandle) throws(BackendError)
     /// exit(2) of `process` (not the VMM).
     func exitProcess(_ process: ProcessHandle) throws(BackendError)
+    /// Creates an IOMMU domain managed by `model`.
+    func createIOMMUDomain(_ model: IOMMUModel) throws(BackendError) -> PinHandle
+    /// Maps host memory (VFIO: `address` in this process) or guest_memfd memory
+    /// (hypervisor: `fd`, `offset`) at `iova`.
+    func iommuMap(domain: PinHandle, iova: UInt64, address: UInt64?, fd: FD?, offset: UInt64, length: UInt64)
+        throws(BackendError)
+    func iommuUnmap(domain: PinHandle, iova: UInt64, length: UInt64) throws(BackendError)
+    /// A device's DMA through the domain: the bytes read, or empty for a write.
+    func dma(domain: PinHandle, iova: UInt64, write: [UInt8]?, count: UInt64) throws(BackendError) -> [UInt8]
     /// The invariants (isolation, coherence, lifetime) over the whole system now.
     /// Only a backend that can see all the state can answer.
     func checkInvariants() throws(BackendError) -> [Violation]

@@ -111,6 +111,8 @@ public final class KernelBackend: Backend {
             return "pinning from a scenario needs CONFIG_GUP_TEST or io_uring buffers; not yet in the kernel backend"
         case .processes:
             return "the kernel backend drives one process; forked host processes run on the model"
+        case .iommu:
+            return "IOMMU domains and device DMA run on the model (no VFIO device here)"
         }
     }
 
@@ -605,6 +607,24 @@ public final class KernelBackend: Backend {
 
     public func exitProcess(_ process: ProcessHandle) throws(BackendError) {
         throw .unsupported(missing(.processes)!)
+    }
+
+    public func createIOMMUDomain(_ model: IOMMUModel) throws(BackendError) -> PinHandle {
+        throw .unsupported(missing(.iommu)!)
+    }
+
+    public func iommuMap(domain: PinHandle, iova: UInt64, address: UInt64?, fd: FD?, offset: UInt64, length: UInt64)
+        throws(BackendError)
+    {
+        throw .unsupported(missing(.iommu)!)
+    }
+
+    public func iommuUnmap(domain: PinHandle, iova: UInt64, length: UInt64) throws(BackendError) {
+        throw .unsupported(missing(.iommu)!)
+    }
+
+    public func dma(domain: PinHandle, iova: UInt64, write: [UInt8]?, count: UInt64) throws(BackendError) -> [UInt8] {
+        throw .unsupported(missing(.iommu)!)
     }
 
     public func checkInvariants() throws(BackendError) -> [Violation] {

@@ -11,6 +11,8 @@ public enum Mutant: String, CaseIterable, Hashable, Sendable {
     case skipAttributeZap = "skip-attribute-zap"
     /// Releasing a guest_memfd leaves the SPTEs it backed in place.
     case releaseWithoutZap = "release-without-zap"
+    /// A hypervisor-managed IOMMU maps pages without checking they are shared.
+    case iommuMapWithoutOwnershipCheck = "iommu-map-without-ownership-check"
     /// fork shares pinned pages copy-on-write and COW decides by page_count: the
     /// pinning process's next write moves it off the page its device still sees.
     case cowIgnoresPins = "cow-ignores-pins"
@@ -44,6 +46,13 @@ extension Kernel {
                 if let ids = pinnedBy[pfn] {
                     out.append(Violation(invariant: .isolation, page: page,
                         parties: ids.map { "GUP pin \($0)" }, detail: "private page pinned by the host"))
+                }
+                for (domainID, d) in iommuDomains.sorted(by: { $0.key < $1.key }) {
+                    for (iovaPage, e) in d.entries.sorted(by: { $0.key < $1.key }) where e.pfn == pfn {
+                        out.append(Violation(invariant: .isolation, page: page,
+                            parties: ["IOMMU domain \(domainID) (\(d.model.rawValue)) iova 0x\(String(iovaPage << 12, radix: 16))"],
+                            detail: "private page reachable by a device"))
+                    }
                 }
                 for (vmID, vm) in vms where !owners.contains(vmID) {
                     for (gfn, spte) in vm.spte where spte.pfn == pfn {
@@ -82,6 +91,20 @@ extension Kernel {
                 if spte.isPrivate != kvmMemIsPrivate(vm: vmID, gfn: gfn) {
                     out.append(Violation(invariant: .coherence, page: page, parties: [party],
                         detail: "SPTE maps the \(spte.isPrivate ? "private" : "shared") side of a \(spte.isPrivate ? "shared" : "private") gfn"))
+                }
+            }
+        }
+
+        // Coherence of IOMMU entries that name a guest_memfd page: the device sees the
+        // page the file holds there now.
+        for (domainID, d) in iommuDomains.sorted(by: { $0.key < $1.key }) {
+            for (iovaPage, e) in d.entries.sorted(by: { $0.key < $1.key }) {
+                guard let g = e.gmemPage else { continue }
+                let party = "IOMMU domain \(domainID) iova 0x\(String(iovaPage << 12, radix: 16)) -> pfn 0x\(String(e.pfn, radix: 16))"
+                let now = gmemInodes[g.inode]?.folios[g.pgoff]
+                if now != e.pfn {
+                    out.append(Violation(invariant: .coherence, page: "guest_memfd inode \(g.inode) offset 0x\(String(g.pgoff << 12, radix: 16))",
+                        parties: [party], detail: now.map { "the file now holds pfn 0x\(String($0, radix: 16))" } ?? "the file holds no page there"))
                 }
             }
         }

@@ -70,6 +70,8 @@ public struct Kernel: Hashable {
     public internal(set) var currentPID: UInt32 = 1
     /// GUP pins held by processes: the frames each pin holds.
     var pins: [UInt64: Pin] = [:]
+    /// IOMMU domains.
+    var iommuDomains: [UInt64: IOMMUDomain] = [:]
     /// GUP-fast references between their walk and their recheck.
     var speculativeRefs: [UInt64: SpeculativeRef] = [:]
     var nextID: UInt64 = 1

@@ -19,7 +19,7 @@ public final class ModelBackend: Backend {
             return c.memoryAttributesIoctl ? nil : "the modelled host has no KVM_SET_MEMORY_ATTRIBUTES (--model-config)"
         case .preFaultMemory:
             return c.tdp ? nil : "the modelled host uses shadow paging: no KVM_PRE_FAULT_MEMORY (--model-config)"
-        case .memoryFailure, .pins, .processes:
+        case .memoryFailure, .pins, .processes, .iommu:
             return nil
         case .inPlaceConversion:
             return c.inPlaceConversion ? nil : "the modelled host has no in-place conversion (--model-config)"
@@ -189,6 +189,32 @@ public final class ModelBackend: Backend {
 
     public func exitProcess(_ process: ProcessHandle) throws(BackendError) {
         try run { k throws(Errno) in try k.exitProcess(process.pid) }
+    }
+
+    public func createIOMMUDomain(_ model: IOMMUModel) throws(BackendError) -> PinHandle {
+        PinHandle(id: kernel.createIOMMUDomain(model))
+    }
+
+    public func iommuMap(domain: PinHandle, iova: UInt64, address: UInt64?, fd: FD?, offset: UInt64, length: UInt64)
+        throws(BackendError)
+    {
+        try run { k throws(Errno) in
+            if let address {
+                try k.vfioMapDMA(domain: domain.id, iova: iova, address: address &+ offset, length: length)
+            } else if let fd {
+                try k.hypervisorIOMMUMap(domain: domain.id, iova: iova, fd: fd.raw, offset: offset, length: length)
+            } else {
+                throw .EINVAL
+            }
+        }
+    }
+
+    public func iommuUnmap(domain: PinHandle, iova: UInt64, length: UInt64) throws(BackendError) {
+        try run { k throws(Errno) in try k.iommuUnmap(domain: domain.id, iova: iova, length: length) }
+    }
+
+    public func dma(domain: PinHandle, iova: UInt64, write: [UInt8]?, count: UInt64) throws(BackendError) -> [UInt8] {
+        try run { k throws(Errno) in try k.dma(domain: domain.id, iova: iova, write: write, count: count) }
     }
 
     public func checkInvariants() throws(BackendError) -> [Violation] {

@@ -59,6 +59,7 @@ public final class ScenarioRunner {
     private var maps: [String: Mapping] = [:]
     private var pins: [String: PinHandle] = [:]
     private var refs: [String: PinHandle] = [:]
+    private var domains: [String: PinHandle] = [:]
     private var processes: [String: ProcessHandle] = [:]
     /// The process the backend is issuing calls as.
     private var current = ProcessHandle.vmm
@@ -124,6 +125,11 @@ public final class ScenarioRunner {
             if let step = missing[n] { throw Skip(reason: "handle '\(n)' was not created (step \(step))") }
             throw Skip(reason: "handle '\(n)' is not open")
         }
+    }
+
+    func domain(_ name: String) throws(Skip) -> PinHandle {
+        if let d = domains[name] { return d }
+        throw Skip(reason: missing[name].map { "IOMMU domain '\(name)' was not created (step \($0))" } ?? "no IOMMU domain '\(name)'")
     }
 
     func mapping(_ name: String) throws(Skip) -> Mapping {
@@ -224,6 +230,38 @@ public final class ScenarioRunner {
                     refs[n] = r
                     missing[n] = nil
                 }
+                return Observation(result: .ok)
+            }
+        case .iommuDomain(let model):
+            return try call { () throws(BackendError) in
+                let d = try b.createIOMMUDomain(model)
+                if let n = step.name {
+                    domains[n] = d
+                    missing[n] = nil
+                }
+                return Observation(result: .ok)
+            }
+        case .iommuMap(let dname, let iova, let map, let fdRef, let offset, let length):
+            let d = try domain(dname)
+            let address = try map.map { m throws(Skip) in try mapping(m).address }
+            let f = try fdRef.map { r throws(Skip) in try fd(r) }
+            return try call { () throws(BackendError) in
+                try b.iommuMap(domain: d, iova: iova, address: address, fd: f, offset: offset, length: length)
+                return Observation(result: .ok)
+            }
+        case .iommuUnmap(let dname, let iova, let length):
+            let d = try domain(dname)
+            return try call { () throws(BackendError) in
+                try b.iommuUnmap(domain: d, iova: iova, length: length)
+                return Observation(result: .ok)
+            }
+        case .dmaRead(let dname, let iova, let count):
+            let d = try domain(dname)
+            return try call { () throws(BackendError) in Self.bytesRead(try b.dma(domain: d, iova: iova, write: nil, count: count)) }
+        case .dmaWrite(let dname, let iova, let bytes):
+            let d = try domain(dname)
+            return try call { () throws(BackendError) in
+                _ = try b.dma(domain: d, iova: iova, write: bytes, count: UInt64(bytes.count))
                 return Observation(result: .ok)
             }
         case .gupFastDrop(let name):

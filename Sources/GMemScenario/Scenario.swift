@@ -63,6 +63,11 @@ public enum Op: Hashable, Sendable {
     case exitProcess
     case gupFast(map: String, offset: UInt64, length: UInt64)
     case gupFastDrop(ref: String)
+    case iommuDomain(IOMMUModel)
+    case iommuMap(domain: String, iova: UInt64, map: String?, fd: Ref?, offset: UInt64, length: UInt64)
+    case iommuUnmap(domain: String, iova: UInt64, length: UInt64)
+    case dmaRead(domain: String, iova: UInt64, count: UInt64)
+    case dmaWrite(domain: String, iova: UInt64, [UInt8])
     case convert(Ref, offset: UInt64, size: UInt64, toPrivate: Bool)
     case pin(map: String, offset: UInt64, length: UInt64, longterm: Bool)
     case unpin(pin: String)
@@ -85,6 +90,7 @@ public enum Op: Hashable, Sendable {
         case .pin: .pin
         case .fork: .process
         case .gupFast: .ref
+        case .iommuDomain: .domain
         default: nil
         }
     }
@@ -92,7 +98,7 @@ public enum Op: Hashable, Sendable {
 
 /// Handle namespaces: file descriptors, host mappings, pins.
 public enum HandleKind: String, Hashable, Sendable {
-    case fd, map, pin, process, ref
+    case fd, map, pin, process, ref, domain
 }
 
 /// How a step ended, as `expect` names it and as `--json` reports it.

@@ -180,6 +180,11 @@ struct StepReader {
         throw fail(key, "expected a \(kind.rawValue) handle name, got \(j.rendered)")
     }
 
+    mutating func domainName() throws(ScenarioError) -> String {
+        guard case .name(let n) = try ref("domain", kind: .domain) else { throw fail("domain", "expected an IOMMU domain name") }
+        return n
+    }
+
     mutating func mapName(_ key: String) throws(ScenarioError) -> String {
         guard case .name(let n) = try ref(key, kind: .map) else { throw fail(key, "expected a mapping name") }
         return n
@@ -334,6 +339,26 @@ struct StepReader {
             return .fork
         case "exit_process":
             return .exitProcess
+        case "iommu_domain":
+            guard let m = try string("model"), let model = IOMMUModel(rawValue: m) else {
+                throw fail("model", "expected \"vfio\" or \"hypervisor\"")
+            }
+            return .iommuDomain(model)
+        case "iommu_map":
+            let domain = try domainName()
+            let map = obj["map"] != nil ? try mapName("map") : nil
+            let fd = try optionalRef("fd")
+            guard (map == nil) != (fd == nil) else {
+                throw fail(map == nil ? "map" : "fd", "give \"map\" (VFIO: host memory) or \"fd\" (hypervisor: guest_memfd), one of them")
+            }
+            return .iommuMap(domain: domain, iova: try number("iova"), map: map, fd: fd,
+                             offset: try optionalNumber("offset") ?? 0, length: try number("len"))
+        case "iommu_unmap":
+            return .iommuUnmap(domain: try domainName(), iova: try number("iova"), length: try number("len"))
+        case "dma_read":
+            return .dmaRead(domain: try domainName(), iova: try number("iova"), count: try number("len"))
+        case "dma_write":
+            return .dmaWrite(domain: try domainName(), iova: try number("iova"), try bytes("bytes"))
         case "gup_fast":
             return .gupFast(map: try mapName("map"), offset: try optionalNumber("offset") ?? 0, length: try number("len"))
         case "gup_fast_drop":

@@ -144,12 +144,13 @@ struct PropertyTests {
     static let number = Gen.int(in: 0...14).map { edges[$0] }
 
     @Test func noSequenceOfCallsTrapsOrBreaksTheModel() async {
-        let call = PropertyBased.zip(Gen.int(in: 0...27), Gen.int(in: -1...12), Self.number, Self.number, Gen.uint32(in: 0...255))
+        let call = PropertyBased.zip(Gen.int(in: 0...31), Gen.int(in: -1...12), Self.number, Self.number, Gen.uint32(in: 0...255))
         await propertyCheck(count: 300, input: call.array(of: 1...60)) { calls in
             let b = ModelBackend()
             var maps: [Mapping] = []
             var pins: [PinHandle] = []
             var refs: [PinHandle] = []
+            var domains: [PinHandle] = []
             for (op, fdRaw, x, y, small) in calls {
                 let fd = FD(Int32(fdRaw))
                 let bytes = [UInt8](repeating: UInt8(truncatingIfNeeded: small), count: Int(small % 9))
@@ -205,6 +206,17 @@ struct PropertyTests {
                     }
                 case 27:
                     if let r = refs.popLast() { _ = try? b.dropSpeculativeReferences(r) }
+                case 28:
+                    if let d = try? b.createIOMMUDomain(small % 2 == 0 ? .vfio : .hypervisor) { domains.append(d) }
+                case 29:
+                    if let d = domains.last {
+                        _ = try? b.iommuMap(domain: d, iova: x % (1 << 24), address: small % 2 == 0 ? maps.last?.address : nil,
+                                            fd: small % 2 == 0 ? nil : fd, offset: y % (1 << 22), length: 4096 * UInt64(1 + small % 4))
+                    }
+                case 30:
+                    if let d = domains.last { _ = try? b.iommuUnmap(domain: d, iova: x % (1 << 24), length: 4096 * UInt64(small % 8)) }
+                case 31:
+                    if let d = domains.last { _ = try? b.dma(domain: d, iova: x % (1 << 24), write: small % 2 == 0 ? bytes : nil, count: UInt64(bytes.count)) }
                 default: _ = try? b.checkExtension(on: fdRaw < 0 ? nil : fd, Capability.allCases[Int(small) % Capability.allCases.count])
                 }
                 b.kernel.checkInvariants()

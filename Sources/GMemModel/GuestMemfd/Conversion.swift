@@ -47,6 +47,10 @@ extension Kernel {
             if !config.mutants.contains(.skipRefcountCheck), let busy = firstPageInUse(ino, range) {
                 return ConversionOutcome(errno: .EAGAIN, errorOffset: busy << UAPI.pageShift)
             }
+            // A hypervisor-managed IOMMU holds no reference; the hypervisor refuses.
+            if let mapped = firstIOMMUMappedPage(ino, range) {
+                return ConversionOutcome(errno: .EAGAIN, errorOffset: mapped << UAPI.pageShift)
+            }
         }
         gmemInvalidate(ino, range)
         gmemInodes[ino]!.privatePages.set(range, to: toPrivate)

@@ -165,6 +165,12 @@ extension Kernel {
     /// kvm_gmem_invalidate_begin()/end(): zap the SPTEs of every binding of every file
     /// of the inode over `range`. mmu_invalidate_seq moves so racing faults retry.
     mutating func gmemInvalidate(_ ino: UInt64, _ range: Range<UInt64>) {
+        // Hypervisor-managed IOMMUs mirror the guest's memory: their entries go too.
+        for id in iommuDomains.keys where iommuDomains[id]!.model == .hypervisor {
+            for (page, e) in iommuDomains[id]!.entries {
+                if let g = e.gmemPage, g.inode == ino, range.contains(g.pgoff) { iommuDomains[id]!.entries[page] = nil }
+            }
+        }
         for fileID in gmemInodes[ino]!.files {
             let g = gmemFiles[fileID]!
             g.bindings.forEachRun(in: range) { r, slot in

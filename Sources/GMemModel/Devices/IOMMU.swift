@@ -1,0 +1,127 @@
+import GMemBackend
+
+/// One IOMMU page-table entry: the frame a device reaches at an IOVA page, and how
+/// it came to be mapped.
+struct IOMMUEntry: Hashable {
+    var pfn: UInt64
+    /// VFIO: the long-term pin that holds the page.
+    var pin: UInt64?
+    /// Hypervisor-managed: the guest_memfd page it maps.
+    var gmemPage: GmemPageRef?
+}
+
+/// A guest_memfd page by inode and offset.
+struct GmemPageRef: Hashable {
+    var inode: UInt64
+    var pgoff: UInt64
+}
+
+/// An IOMMU domain: the address space one device (group) sees.
+struct IOMMUDomain: Hashable {
+    let model: IOMMUModel
+    /// IOVA page -> entry.
+    var entries: [UInt64: IOMMUEntry] = [:]
+}
+
+extension Kernel {
+    /// Creates an IOMMU domain of `model`.
+    public mutating func createIOMMUDomain(_ model: IOMMUModel) -> UInt64 {
+        let id = newID()
+        iommuDomains[id] = IOMMUDomain(model: model)
+        return id
+    }
+
+    /// VFIO_IOMMU_MAP_DMA: pins [address, address + length) of the current process
+    /// long-term (FOLL_LONGTERM) and maps it at `iova`. Private guest_memfd memory
+    /// cannot be pinned: EFAULT, nothing mapped.
+    public mutating func vfioMapDMA(domain: UInt64, iova: UInt64, address: UInt64, length: UInt64) throws(Errno) {
+        guard iommuDomains[domain]?.model == .vfio else { throw .EINVAL }
+        if iova & (UAPI.pageSize - 1) != 0 || length & (UAPI.pageSize - 1) != 0 || length == 0 { throw .EINVAL }
+        let first = iova >> UAPI.pageShift
+        let pages = length >> UAPI.pageShift
+        if (first..<first + pages).contains(where: { iommuDomains[domain]!.entries[$0] != nil }) { throw .EEXIST }
+        let pin = try self.pin(address: address, length: length, longterm: true)
+        for (i, pfn) in pins[pin]!.pfns.enumerated() {
+            iommuDomains[domain]!.entries[first + UInt64(i)] = IOMMUEntry(pfn: pfn, pin: pin)
+        }
+    }
+
+    /// A hypervisor-managed IOMMU map (pKVM-style, by hypercall): maps guest_memfd
+    /// pages [offset, offset + length) of `fd` at `iova` after checking each is
+    /// shared; a private page is EPERM and nothing is mapped. The mapping holds no
+    /// refcount: the hypervisor refuses conversion of mapped pages instead.
+    public mutating func hypervisorIOMMUMap(domain: UInt64, iova: UInt64, fd: Int32, offset: UInt64, length: UInt64) throws(Errno) {
+        guard iommuDomains[domain]?.model == .hypervisor else { throw .EINVAL }
+        let (_, f) = try file(fd)
+        guard case .guestMemfd(let ino, _) = f.kind else { throw .EINVAL }
+        if iova & (UAPI.pageSize - 1) != 0 || offset & (UAPI.pageSize - 1) != 0 || length & (UAPI.pageSize - 1) != 0 || length == 0 {
+            throw .EINVAL
+        }
+        let (end, overflow) = offset.addingReportingOverflow(length)
+        if overflow || end > gmemInodes[ino]!.size { throw .EINVAL }
+        let range = (offset >> UAPI.pageShift)..<(end >> UAPI.pageShift)
+        if range.contains(where: { !gmemInodes[ino]!.isShared($0) }) && !config.mutants.contains(.iommuMapWithoutOwnershipCheck) {
+            throw .EPERM
+        }
+        let first = iova >> UAPI.pageShift
+        if (0..<UInt64(range.count)).contains(where: { iommuDomains[domain]!.entries[first + $0] != nil }) { throw .EEXIST }
+        for (i, pgoff) in range.enumerated() {
+            let pfn: UInt64
+            do {
+                pfn = try gmemGetFolio(ino, pgoff: pgoff)
+            } catch {
+                throw error
+            }
+            iommuDomains[domain]!.entries[first + UInt64(i)] = IOMMUEntry(pfn: pfn, gmemPage: GmemPageRef(inode: ino, pgoff: pgoff))
+        }
+    }
+
+    /// Unmaps [iova, iova + length): VFIO unpins, the hypervisor forgets the mapping.
+    public mutating func iommuUnmap(domain: UInt64, iova: UInt64, length: UInt64) throws(Errno) {
+        guard iommuDomains[domain] != nil else { throw .EINVAL }
+        if iova & (UAPI.pageSize - 1) != 0 || length & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
+        let first = iova >> UAPI.pageShift
+        var unpinned: Set<UInt64> = []
+        for page in first..<first + (length >> UAPI.pageShift) {
+            guard let e = iommuDomains[domain]!.entries.removeValue(forKey: page) else { continue }
+            if let p = e.pin, unpinned.insert(p).inserted {
+                // VFIO unpins what it pinned for this mapping.
+                try? unpin(p)
+            }
+        }
+        // Entries of a partly unmapped pin lose their pin bookkeeping.
+        for (page, e) in iommuDomains[domain]!.entries where e.pin.map(unpinned.contains) == true {
+            iommuDomains[domain]!.entries[page]!.pin = nil
+        }
+    }
+
+    /// A device's DMA through its IOMMU: EFAULT (an IOMMU fault) where nothing is
+    /// mapped; else the bytes of the frames mapped.
+    public mutating func dma(domain: UInt64, iova: UInt64, write bytes: [UInt8]?, count: UInt64) throws(Errno) -> [UInt8] {
+        guard iommuDomains[domain] != nil else { throw .EINVAL }
+        if iova.addingReportingOverflow(count).overflow { throw .EFAULT }
+        var out: [UInt8] = []
+        for c in PageChunks(start: iova, count: count) {
+            guard let e = iommuDomains[domain]!.entries[c.page] else { throw .EFAULT }
+            if let bytes {
+                phys.write(e.pfn, offset: c.offsetInPage, bytes[c.range])
+            } else {
+                phys.read(e.pfn, offset: c.offsetInPage, count: c.length, into: &out)
+            }
+        }
+        return out
+    }
+
+    /// The first page of `range` of inode `ino` that a hypervisor-managed IOMMU maps.
+    func firstIOMMUMappedPage(_ ino: UInt64, _ range: Range<UInt64>) -> UInt64? {
+        var first: UInt64?
+        for (_, d) in iommuDomains where d.model == .hypervisor {
+            for (_, e) in d.entries {
+                if let g = e.gmemPage, g.inode == ino, range.contains(g.pgoff), first.map({ g.pgoff < $0 }) ?? true {
+                    first = g.pgoff
+                }
+            }
+        }
+        return first
+    }
+}
