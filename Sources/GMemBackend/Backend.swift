@@ -216,6 +216,8 @@ public enum Feature: String, CaseIterable, Sendable {
     case processes = "processes"
     /// IOMMU domains and device DMA.
     case iommu = "iommu"
+    /// A pKVM-style hypervisor with per-page ownership.
+    case pkvm = "pkvm"
 }
 
 /// How a device's IOMMU is managed: a policy per domain.
@@ -330,6 +332,15 @@ public protocol Backend: AnyObject {
     func iommuUnmap(domain: PinHandle, iova: UInt64, length: UInt64) throws(BackendError)
     /// A device's DMA through the domain: the bytes read, or empty for a write.
     func dma(domain: PinHandle, iova: UInt64, write: [UInt8]?, count: UInt64) throws(BackendError) -> [UInt8]
+    /// A pKVM guest (protected: memory by donation; else by sharing).
+    func pkvmCreateGuest(protected: Bool) throws(BackendError) -> PinHandle
+    /// One pKVM hypercall on the ownership state machine.
+    func pkvmCall(_ call: PKVMCall, _ args: PKVMArgs) throws(BackendError)
+    /// A host access to pKVM page `page` (guest nil) or a guest access at `gfn`;
+    /// returns the page's byte after the access.
+    func pkvmAccess(page: UInt64, guest: PinHandle?, gfn: UInt64, write: UInt8?) throws(BackendError) -> UInt8
+    /// The page's state as the host, the hypervisor and (if given) a guest see it.
+    func pkvmState(page: UInt64, guest: PinHandle?, gfn: UInt64) throws(BackendError) -> [String: PageState]
     /// The invariants (isolation, coherence, lifetime) over the whole system now.
     /// Only a backend that can see all the state can answer.
     func checkInvariants() throws(BackendError) -> [Violation]

@@ -113,6 +113,8 @@ public final class KernelBackend: Backend {
             return "the kernel backend drives one process; forked host processes run on the model"
         case .iommu:
             return "IOMMU domains and device DMA run on the model (no VFIO device here)"
+        case .pkvm:
+            return "no pKVM on this host (an x86 kvm-pvm guest); the ownership state machine runs on the model"
         }
     }
 
@@ -625,6 +627,15 @@ public final class KernelBackend: Backend {
 
     public func dma(domain: PinHandle, iova: UInt64, write: [UInt8]?, count: UInt64) throws(BackendError) -> [UInt8] {
         throw .unsupported(missing(.iommu)!)
+    }
+
+    public func pkvmCreateGuest(protected: Bool) throws(BackendError) -> PinHandle { throw .unsupported(missing(.pkvm)!) }
+    public func pkvmCall(_ call: PKVMCall, _ args: PKVMArgs) throws(BackendError) { throw .unsupported(missing(.pkvm)!) }
+    public func pkvmAccess(page: UInt64, guest: PinHandle?, gfn: UInt64, write: UInt8?) throws(BackendError) -> UInt8 {
+        throw .unsupported(missing(.pkvm)!)
+    }
+    public func pkvmState(page: UInt64, guest: PinHandle?, gfn: UInt64) throws(BackendError) -> [String: PageState] {
+        throw .unsupported(missing(.pkvm)!)
     }
 
     public func checkInvariants() throws(BackendError) -> [Violation] {

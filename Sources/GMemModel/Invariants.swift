@@ -13,6 +13,8 @@ public enum Mutant: String, CaseIterable, Hashable, Sendable {
     case releaseWithoutZap = "release-without-zap"
     /// A hypervisor-managed IOMMU maps pages without checking they are shared.
     case iommuMapWithoutOwnershipCheck = "iommu-map-without-ownership-check"
+    /// pKVM donates a page to a guest without taking it out of the host's stage-2.
+    case pkvmDonateKeepsHostAccess = "pkvm-donate-keeps-host-access"
     /// fork shares pinned pages copy-on-write and COW decides by page_count: the
     /// pinning process's next write moves it off the page its device still sees.
     case cowIgnoresPins = "cow-ignores-pins"
@@ -122,6 +124,8 @@ extension Kernel {
                 }
             }
         }
+
+        out += pkvm.violations()
 
         // Lifetime: bindings and VMAs refer to live objects.
         for (vmID, vm) in vms {

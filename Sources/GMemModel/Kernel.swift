@@ -72,6 +72,8 @@ public struct Kernel: Hashable {
     var pins: [UInt64: Pin] = [:]
     /// IOMMU domains.
     var iommuDomains: [UInt64: IOMMUDomain] = [:]
+    /// The pKVM-style hypervisor's view of (its own) physical pages.
+    public internal(set) var pkvm = PKVM(pages: 64)
     /// GUP-fast references between their walk and their recheck.
     var speculativeRefs: [UInt64: SpeculativeRef] = [:]
     var nextID: UInt64 = 1

@@ -8,6 +8,7 @@ public final class ModelBackend: Backend {
 
     public init(config: ModelConfig = .mainline) {
         kernel = Kernel(config: config)
+        kernel.pkvm.keepHostAccessOnDonate = config.mutants.contains(.pkvmDonateKeepsHostAccess)
     }
 
     public func missing(_ feature: Feature) -> String? {
@@ -19,7 +20,7 @@ public final class ModelBackend: Backend {
             return c.memoryAttributesIoctl ? nil : "the modelled host has no KVM_SET_MEMORY_ATTRIBUTES (--model-config)"
         case .preFaultMemory:
             return c.tdp ? nil : "the modelled host uses shadow paging: no KVM_PRE_FAULT_MEMORY (--model-config)"
-        case .memoryFailure, .pins, .processes, .iommu:
+        case .memoryFailure, .pins, .processes, .iommu, .pkvm:
             return nil
         case .inPlaceConversion:
             return c.inPlaceConversion ? nil : "the modelled host has no in-place conversion (--model-config)"
@@ -215,6 +216,29 @@ public final class ModelBackend: Backend {
 
     public func dma(domain: PinHandle, iova: UInt64, write: [UInt8]?, count: UInt64) throws(BackendError) -> [UInt8] {
         try run { k throws(Errno) in try k.dma(domain: domain.id, iova: iova, write: write, count: count) }
+    }
+
+    public func pkvmCreateGuest(protected: Bool) throws(BackendError) -> PinHandle {
+        PinHandle(id: kernel.pkvm.createGuest(protected: protected))
+    }
+
+    public func pkvmCall(_ call: PKVMCall, _ args: PKVMArgs) throws(BackendError) {
+        try run { k throws(Errno) in try k.pkvm.perform(call, args) }
+    }
+
+    public func pkvmAccess(page: UInt64, guest: PinHandle?, gfn: UInt64, write: UInt8?) throws(BackendError) -> UInt8 {
+        try run { k throws(Errno) in
+            if let guest { return try k.pkvm.guestAccess(guest.id, gfn: gfn, write: write) }
+            return try k.pkvm.hostAccess(page, write: write)
+        }
+    }
+
+    public func pkvmState(page: UInt64, guest: PinHandle?, gfn: UInt64) throws(BackendError) -> [String: PageState] {
+        let p = kernel.pkvm
+        if page >= p.pages { throw .errno(.EINVAL) }
+        var out = ["host": p.hostState(page), "hyp": p.hypState(page)]
+        if let guest { out["guest"] = p.guestState(guest.id, gfn: gfn) }
+        return out
     }
 
     public func checkInvariants() throws(BackendError) -> [Violation] {

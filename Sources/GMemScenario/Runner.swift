@@ -60,6 +60,7 @@ public final class ScenarioRunner {
     private var pins: [String: PinHandle] = [:]
     private var refs: [String: PinHandle] = [:]
     private var domains: [String: PinHandle] = [:]
+    private var guests: [String: PinHandle] = [:]
     private var processes: [String: ProcessHandle] = [:]
     /// The process the backend is issuing calls as.
     private var current = ProcessHandle.vmm
@@ -125,6 +126,11 @@ public final class ScenarioRunner {
             if let step = missing[n] { throw Skip(reason: "handle '\(n)' was not created (step \(step))") }
             throw Skip(reason: "handle '\(n)' is not open")
         }
+    }
+
+    func pkvmGuest(_ name: String) throws(Skip) -> PinHandle {
+        if let g = guests[name] { return g }
+        throw Skip(reason: missing[name].map { "pKVM guest '\(name)' was not created (step \($0))" } ?? "no pKVM guest '\(name)'")
     }
 
     func domain(_ name: String) throws(Skip) -> PinHandle {
@@ -231,6 +237,35 @@ public final class ScenarioRunner {
                     missing[n] = nil
                 }
                 return Observation(result: .ok)
+            }
+        case .pkvmGuest(let protected):
+            return try call { () throws(BackendError) in
+                let g = try b.pkvmCreateGuest(protected: protected)
+                if let n = step.name {
+                    guests[n] = g
+                    missing[n] = nil
+                }
+                return Observation(result: .ok)
+            }
+        case .pkvmCall(let c, let page, let guest, let gfn, let pages, let prot):
+            let g = try guest.map { n throws(Skip) in try pkvmGuest(n) }
+            return try call { () throws(BackendError) in
+                try b.pkvmCall(c, PKVMArgs(page: page, guest: g?.id, gfn: gfn, pages: pages, prot: prot))
+                return Observation(result: .ok)
+            }
+        case .pkvmAccess(let page, let guest, let gfn, let write):
+            let g = try guest.map { n throws(Skip) in try pkvmGuest(n) }
+            return try call { () throws(BackendError) in
+                let v = try b.pkvmAccess(page: page, guest: g, gfn: gfn, write: write)
+                return Observation(result: .ok, value: .object(JSONObject(["value": .int(v)])))
+            }
+        case .pkvmState(let page, let guest, let gfn):
+            let g = try guest.map { n throws(Skip) in try pkvmGuest(n) }
+            return try call { () throws(BackendError) in
+                let s = try b.pkvmState(page: page, guest: g, gfn: gfn)
+                var o = JSONObject()
+                for k in ["host", "hyp", "guest"] { if let v = s[k] { o[k] = .string(v.rawValue) } }
+                return Observation(result: .ok, value: .object(o))
             }
         case .iommuDomain(let model):
             return try call { () throws(BackendError) in

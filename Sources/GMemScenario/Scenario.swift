@@ -68,6 +68,10 @@ public enum Op: Hashable, Sendable {
     case iommuUnmap(domain: String, iova: UInt64, length: UInt64)
     case dmaRead(domain: String, iova: UInt64, count: UInt64)
     case dmaWrite(domain: String, iova: UInt64, [UInt8])
+    case pkvmGuest(protected: Bool)
+    case pkvmCall(PKVMCall, page: UInt64, guest: String?, gfn: UInt64, pages: UInt64, prot: UInt64)
+    case pkvmAccess(page: UInt64, guest: String?, gfn: UInt64, write: UInt8?)
+    case pkvmState(page: UInt64, guest: String?, gfn: UInt64)
     case convert(Ref, offset: UInt64, size: UInt64, toPrivate: Bool)
     case pin(map: String, offset: UInt64, length: UInt64, longterm: Bool)
     case unpin(pin: String)
@@ -76,7 +80,7 @@ public enum Op: Hashable, Sendable {
     /// the two systems in the same state.
     var isReadOnly: Bool {
         switch self {
-        case .checkInvariants, .fstat, .checkExtension: true
+        case .checkInvariants, .fstat, .checkExtension, .pkvmState: true
         default: false
         }
     }
@@ -91,6 +95,7 @@ public enum Op: Hashable, Sendable {
         case .fork: .process
         case .gupFast: .ref
         case .iommuDomain: .domain
+        case .pkvmGuest: .guest
         default: nil
         }
     }
@@ -98,7 +103,7 @@ public enum Op: Hashable, Sendable {
 
 /// Handle namespaces: file descriptors, host mappings, pins.
 public enum HandleKind: String, Hashable, Sendable {
-    case fd, map, pin, process, ref, domain
+    case fd, map, pin, process, ref, domain, guest
 }
 
 /// How a step ended, as `expect` names it and as `--json` reports it.

@@ -180,6 +180,12 @@ struct StepReader {
         throw fail(key, "expected a \(kind.rawValue) handle name, got \(j.rendered)")
     }
 
+    mutating func guestName() throws(ScenarioError) -> String? {
+        guard obj["guest"] != nil else { return nil }
+        guard case .name(let n) = try ref("guest", kind: .guest) else { throw fail("guest", "expected a pkvm_guest name") }
+        return n
+    }
+
     mutating func domainName() throws(ScenarioError) -> String {
         guard case .name(let n) = try ref("domain", kind: .domain) else { throw fail("domain", "expected an IOMMU domain name") }
         return n
@@ -339,6 +345,23 @@ struct StepReader {
             return .fork
         case "exit_process":
             return .exitProcess
+        case "pkvm_guest":
+            return .pkvmGuest(protected: try bool("protected") ?? false)
+        case "pkvm_call":
+            guard let c = try string("call"), let call = PKVMCall(rawValue: c) else {
+                throw fail("call", "expected one of \(PKVMCall.allCases.map(\.rawValue).joined(separator: ", "))")
+            }
+            return .pkvmCall(call, page: try number("page"), guest: try guestName(), gfn: try optionalNumber("gfn") ?? 0,
+                             pages: try optionalNumber("pages") ?? 1, prot: try flags("prot", ScenarioParser.protBits, default: 7))
+        case "pkvm_host_access", "pkvm_guest_access":
+            let guest = try guestName()
+            if name == "pkvm_guest_access" && guest == nil { throw fail("guest", "missing (a pkvm_guest name)") }
+            let w = try optionalNumber("write")
+            if let w, w > 0xff { throw fail("write", "a byte value, 0..255") }
+            return .pkvmAccess(page: name == "pkvm_host_access" ? try number("page") : 0, guest: guest,
+                               gfn: try optionalNumber("gfn") ?? 0, write: w.map { UInt8($0) })
+        case "pkvm_state":
+            return .pkvmState(page: try number("page"), guest: try guestName(), gfn: try optionalNumber("gfn") ?? 0)
         case "iommu_domain":
             guard let m = try string("model"), let model = IOMMUModel(rawValue: m) else {
                 throw fail("model", "expected \"vfio\" or \"hypervisor\"")
