@@ -230,6 +230,16 @@ public enum IOMMUModel: String, CaseIterable, Hashable, Sendable {
     case hypervisor
 }
 
+/// Who holds whom between a guest_memfd file and its VM: a policy per run.
+public enum BindingOwnership: String, CaseIterable, Hashable, Sendable {
+    /// Upstream: the file holds the VM (kvm_get_kvm); memslots do not hold the file,
+    /// so closing it turns later guest faults into memory-fault exits.
+    case fileHoldsVM = "file_holds_vm"
+    /// The alternative from the design discussions: memslots hold the file; the file
+    /// binds to a VM at its first bind, and can be created without one (on /dev/kvm).
+    case memslotHoldsFile = "memslot_holds_file"
+}
+
 /// A host process: pid 1 is the VMM that drives KVM.
 public struct ProcessHandle: Hashable, Sendable {
     public var pid: UInt32
@@ -255,8 +265,10 @@ public protocol Backend: AnyObject {
     func createVM(type: UInt64, conversion: ConversionPolicy) throws(BackendError) -> FD
     /// KVM_CREATE_VCPU.
     func createVCPU(vm: FD, id: UInt32) throws(BackendError) -> FD
-    /// KVM_CREATE_GUEST_MEMFD issued on `fd` (normally a VM fd).
-    func createGuestMemfd(on fd: FD, size: UInt64, flags: UInt64) throws(BackendError) -> FD
+    /// KVM_CREATE_GUEST_MEMFD issued on `fd` (normally a VM fd; nil: /dev/kvm).
+    func createGuestMemfd(on fd: FD?, size: UInt64, flags: UInt64) throws(BackendError) -> FD
+    /// Chooses the binding-ownership policy for this run (before anything is created).
+    func setBindingOwnership(_ policy: BindingOwnership) throws(BackendError)
     /// memfd_create(2) followed by ftruncate(2) to `size`.
     func memfdCreate(size: UInt64) throws(BackendError) -> FD
     /// close(2).

@@ -152,11 +152,18 @@ public final class KernelBackend: Backend {
         return fd
     }
 
-    public func createGuestMemfd(on fd: FD, size: UInt64, flags: UInt64) throws(BackendError) -> FD {
+    public func createGuestMemfd(on fd: FD?, size: UInt64, flags: UInt64) throws(BackendError) -> FD {
         var args = ckvm_create_guest_memfd()
         args.size = size
         args.flags = flags
-        return try adopt(ckvm_ioctl_ptr(real(fd), CKVM_CREATE_GUEST_MEMFD, &args))
+        return try adopt(ckvm_ioctl_ptr(fd.map(real) ?? kvm, CKVM_CREATE_GUEST_MEMFD, &args))
+    }
+
+    /// The running kernel has upstream's ownership; the alternative is model-only.
+    public func setBindingOwnership(_ policy: BindingOwnership) throws(BackendError) {
+        if policy != .fileHoldsVM {
+            throw .unsupported("this kernel has upstream binding ownership (the file holds the VM); \(policy.rawValue) runs on the model")
+        }
     }
 
     public func memfdCreate(size: UInt64) throws(BackendError) -> FD {

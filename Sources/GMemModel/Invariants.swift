@@ -38,7 +38,7 @@ extension Kernel {
 
         // Isolation: private guest_memfd pages.
         for (ino, inode) in gmemInodes.sorted(by: { $0.key < $1.key }) {
-            let owners = Set(inode.files.compactMap { gmemFiles[$0]?.vm })
+            let owners = Set(inode.files.compactMap { gmemFiles[$0]?.vm ?? nil })
             for (pgoff, pfn) in inode.folios.sorted(by: { $0.key < $1.key }) where !inode.isShared(pgoff) {
                 let page = "guest_memfd inode \(ino) offset 0x\(String(pgoff << 12, radix: 16)) (pfn 0x\(String(pfn, radix: 16)))"
                 if let mappers = hostMapped[pfn] {

@@ -18,6 +18,8 @@ public struct ModelConfig: Hashable, Sendable {
     /// Deliberate bugs switched on (for showing that checks catch them); empty for
     /// the shipped model.
     public var mutants: Set<Mutant> = []
+    /// Who holds whom between guest_memfd files and VMs.
+    public var bindingOwnership: BindingOwnership = .fileHoldsVM
 
     /// Mainline x86-64 (6.18 guest_memfd semantics) with TDP and
     /// CONFIG_KVM_SW_PROTECTED_VM: `default` and `sw_protected` VMs.
@@ -37,7 +39,8 @@ enum FileKind: Hashable {
     case kvmDevice
     case vm(UInt64)
     case vcpu(vm: UInt64, id: UInt32)
-    case guestMemfd(inode: UInt64, vm: UInt64)
+    /// A guest_memfd file; its VM (if bound yet) is in `gmemFiles`.
+    case guestMemfd(inode: UInt64)
     case memfd(inode: UInt64)
 }
 
@@ -183,7 +186,9 @@ public struct Kernel: Hashable {
         }
         for (_, g) in gmemFiles {
             precondition(gmemInodes[g.inode] != nil, "gmem file outlives its inode")
-            precondition(vms[g.vm] != nil, "gmem file does not hold its VM")
+            if config.bindingOwnership == .fileHoldsVM, let vm = g.vm {
+                precondition(vms[vm] != nil, "gmem file does not hold its VM")
+            }
         }
         for (_, vm) in vms {
             vm.attributes.checkInvariants()

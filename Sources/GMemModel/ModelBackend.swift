@@ -46,8 +46,12 @@ public final class ModelBackend: Backend {
     public func createVCPU(vm: FD, id: UInt32) throws(BackendError) -> FD {
         FD(try run { k throws(Errno) in try k.createVCPU(vm: vm.raw, id: id) })
     }
-    public func createGuestMemfd(on fd: FD, size: UInt64, flags: UInt64) throws(BackendError) -> FD {
-        FD(try run { k throws(Errno) in try k.createGuestMemfd(on: fd.raw, size: size, flags: flags) })
+    public func createGuestMemfd(on fd: FD?, size: UInt64, flags: UInt64) throws(BackendError) -> FD {
+        FD(try run { k throws(Errno) in try k.createGuestMemfd(on: fd?.raw, size: size, flags: flags) })
+    }
+
+    public func setBindingOwnership(_ policy: BindingOwnership) throws(BackendError) {
+        kernel.config.bindingOwnership = policy
     }
     public func memfdCreate(size: UInt64) throws(BackendError) -> FD {
         FD(try run { k throws(Errno) in try k.memfdCreate(size: size) })

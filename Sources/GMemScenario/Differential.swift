@@ -23,6 +23,7 @@ public final class DifferentialRunner {
     public func run(_ scenario: Scenario, report: (StepReport) -> Void) -> Summary {
         var summary = Summary()
         let lacking = ScenarioRunner.lacking(scenario, on: [second.backend, first.backend])
+            ?? second.applyPolicies(scenario) ?? first.applyPolicies(scenario)
         for step in scenario.steps {
             let r = lacking.map { StepReport.skipped(step, $0, backend: name) } ?? run(step)
             summary.add(r)

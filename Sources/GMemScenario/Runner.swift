@@ -76,13 +76,28 @@ public final class ScenarioRunner {
     /// requires a feature the backend lacks has every step skipped with the reason.
     public func run(_ scenario: Scenario, report: (StepReport) -> Void) -> Summary {
         var summary = Summary()
-        let lacking = Self.lacking(scenario, on: [backend])
+        var lacking = Self.lacking(scenario, on: [backend])
+        if lacking == nil, let why = applyPolicies(scenario) { lacking = why }
         for step in scenario.steps {
             let r = lacking.map { StepReport.skipped(step, $0, backend: backend.name) } ?? run(step)
             summary.add(r)
             report(r)
         }
         return summary
+    }
+
+    /// Puts the scenario's policies in force; why not, if the backend cannot.
+    func applyPolicies(_ scenario: Scenario) -> String? {
+        guard let b = scenario.binding else { return nil }
+        do {
+            try backend.setBindingOwnership(b)
+            return nil
+        } catch {
+            switch error {
+            case .unsupported(let why): return "policy binding \(b.rawValue): \(backend.name): \(why)"
+            case .errno(let e): return "policy binding \(b.rawValue): \(e)"
+            }
+        }
     }
 
     /// Why one of `backends` cannot run `scenario`, or nil.
@@ -317,7 +332,7 @@ public final class ScenarioRunner {
                 Observation(result: .ok, value: .int(try b.checkExtension(on: f, cap)))
             }
         case .createGuestMemfd(let on, let size, let flags):
-            let v = try fd(on)
+            let v = try on.map { r throws(Skip) in try fd(r) }
             return try call { () throws(BackendError) in
                 bind(step, try b.createGuestMemfd(on: v, size: size, flags: flags))
             }

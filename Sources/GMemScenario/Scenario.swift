@@ -35,7 +35,7 @@ public enum Op: Hashable, Sendable {
     case createVM(type: UInt64, conversion: ConversionPolicy)
     case createVCPU(vm: Ref, id: UInt32)
     case checkExtension(on: Ref?, cap: Capability)
-    case createGuestMemfd(on: Ref, size: UInt64, flags: UInt64)
+    case createGuestMemfd(on: Ref?, size: UInt64, flags: UInt64)
     case close(Ref)
     case fstat(Ref)
     case read(Ref, count: UInt64)
@@ -148,6 +148,8 @@ public struct Scenario: Hashable, Sendable {
     public var description: String?
     /// Host features the scenario needs; a backend without them skips it.
     public var requires: [Feature] = []
+    /// Policies the scenario runs under (`"policies": {"binding": ...}`).
+    public var binding: BindingOwnership?
     public var steps: [Step]
 }
 

@@ -29,8 +29,21 @@ public enum ScenarioParser {
         guard case .object(let top) = json else {
             throw ScenarioError(file: file, message: "expected a JSON object with \"name\" and \"steps\"")
         }
-        for key in top.keys where !["name", "description", "requires", "steps", "comment"].contains(key) {
-            throw ScenarioError(file: file, field: key, message: "unknown top-level field (expected name, description, requires, steps)")
+        for key in top.keys where !["name", "description", "requires", "policies", "steps", "comment"].contains(key) {
+            throw ScenarioError(file: file, field: key, message: "unknown top-level field (expected name, description, requires, policies, steps)")
+        }
+        var binding: BindingOwnership?
+        if let p = top["policies"] {
+            guard case .object(let o) = p else { throw ScenarioError(file: file, field: "policies", message: "expected an object") }
+            for key in o.keys where key != "binding" {
+                throw ScenarioError(file: file, field: "policies.\(key)", message: "unknown policy (expected binding)")
+            }
+            if let b = o["binding"] {
+                guard case .string(let s) = b, let v = BindingOwnership(rawValue: s) else {
+                    throw ScenarioError(file: file, field: "policies.binding", message: "expected \"file_holds_vm\" or \"memslot_holds_file\"")
+                }
+                binding = v
+            }
         }
         guard case .string(let name)? = top["name"] else {
             throw ScenarioError(file: file, field: "name", message: "missing or not a string")
@@ -72,7 +85,7 @@ public enum ScenarioParser {
             }
             steps.append(step)
         }
-        return Scenario(file: file, name: name, description: description, requires: requires, steps: steps)
+        return Scenario(file: file, name: name, description: description, requires: requires, binding: binding, steps: steps)
     }
 }
 
@@ -272,7 +285,7 @@ struct StepReader {
             }
             return .checkExtension(on: on, cap: cap)
         case "create_guest_memfd":
-            return .createGuestMemfd(on: try ref("vm"), size: try number("size"), flags: try flags("flags", ScenarioParser.gmemFlags))
+            return .createGuestMemfd(on: try optionalRef("vm"), size: try number("size"), flags: try flags("flags", ScenarioParser.gmemFlags))
         case "close":
             return .close(try ref("fd"))
         case "fstat":

@@ -67,6 +67,26 @@ struct LifetimeTests {
         k.checkInvariants()
     }
 
+    @Test func withMemslotsHoldingTheFileTheLastUnbindReleasesIt() throws {
+        var k = Kernel()
+        k.config.bindingOwnership = .memslotHoldsFile
+        let gmem = try k.createGuestMemfd(on: nil, size: 2 * M, flags: MMAP)
+        let vm = try k.createVM(type: 0)
+        try k.setUserMemoryRegion2(vm: vm, UserMemoryRegion2(
+            slot: 0, flags: UAPI.KVM_MEM_GUEST_MEMFD, guestPhysAddr: G, memorySize: 2 * M, userspaceAddr: 0,
+            guestMemfd: UInt32(gmem)))
+        let vcpu = try k.createVCPU(vm: vm, id: 0)
+        _ = try k.guestAccess(vcpu: vcpu, GuestAccess(gpa: G, kind: .write([7])))
+        try k.close(gmem)
+        #expect(k.gmemInodes.count == 1, "the memslot holds the file")
+        #expect(try k.guestAccess(vcpu: vcpu, GuestAccess(gpa: G, kind: .read(count: 1))) == .completed([7]))
+        try k.close(vm)
+        try k.close(vcpu)
+        #expect(k.vms.isEmpty, "the file does not hold the VM")
+        #expect(k.gmemInodes.isEmpty && k.phys.allocatedFrames == 0, "VM teardown deleted the slot, which released the file")
+        k.checkInvariants()
+    }
+
     @Test func punchFreesFramesAndZapsEveryMapping() throws {
         var k = Kernel()
         let (vm, gmem) = try k.vmWithGmem(size: 1 * M, flags: MMAP | INIT_SHARED)

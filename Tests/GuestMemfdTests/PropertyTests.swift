@@ -147,6 +147,8 @@ struct PropertyTests {
         let call = PropertyBased.zip(Gen.int(in: 0...31), Gen.int(in: -1...12), Self.number, Self.number, Gen.uint32(in: 0...255))
         await propertyCheck(count: 300, input: call.array(of: 1...60)) { calls in
             let b = ModelBackend()
+            // Both binding-ownership policies, chosen by the first call.
+            try? b.setBindingOwnership(calls.first.map { $0.4 % 2 == 0 } == true ? .memslotHoldsFile : .fileHoldsVM)
             var maps: [Mapping] = []
             var pins: [PinHandle] = []
             var refs: [PinHandle] = []
@@ -156,7 +158,7 @@ struct PropertyTests {
                 let bytes = [UInt8](repeating: UInt8(truncatingIfNeeded: small), count: Int(small % 9))
                 switch op {
                 case 0: _ = try? b.createVM(type: UInt64(small % 3), conversion: small % 2 == 0 ? .inPlace : .attributes)
-                case 1: _ = try? b.createGuestMemfd(on: fd, size: x, flags: UInt64(small % 4))
+                case 1: _ = try? b.createGuestMemfd(on: small % 5 == 0 ? nil : fd, size: x, flags: UInt64(small % 4))
                 case 2: _ = try? b.fallocate(fd, mode: small, offset: x, length: y)
                 case 3:
                     if let m = try? b.mmap(fd: small % 2 == 0 ? fd : nil, offset: x % (1 << 22), length: y % (1 << 23),

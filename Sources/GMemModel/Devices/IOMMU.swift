@@ -53,7 +53,7 @@ extension Kernel {
     public mutating func hypervisorIOMMUMap(domain: UInt64, iova: UInt64, fd: Int32, offset: UInt64, length: UInt64) throws(Errno) {
         guard iommuDomains[domain]?.model == .hypervisor else { throw .EINVAL }
         let (_, f) = try file(fd)
-        guard case .guestMemfd(let ino, _) = f.kind else { throw .EINVAL }
+        guard case .guestMemfd(let ino) = f.kind else { throw .EINVAL }
         if iova & (UAPI.pageSize - 1) != 0 || offset & (UAPI.pageSize - 1) != 0 || length & (UAPI.pageSize - 1) != 0 || length == 0 {
             throw .EINVAL
         }

@@ -33,7 +33,7 @@ extension Kernel {
         } catch {
             return ConversionOutcome(errno: error, errorOffset: 0)
         }
-        guard case .guestMemfd(let ino, _)? = fds[fd].flatMap({ files[$0]?.kind }) else {
+        guard case .guestMemfd(let ino)? = fds[fd].flatMap({ files[$0]?.kind }) else {
             return ConversionOutcome(errno: .EBADF, errorOffset: 0)
         }
         let range = (offset >> UAPI.pageShift)..<((offset + size) >> UAPI.pageShift)
@@ -61,7 +61,10 @@ extension Kernel {
     /// (not a guest_memfd, or a VM without in-place conversion).
     func convertChecks(_ fd: Int32, offset: UInt64, size: UInt64, attributes: UInt64, flags: UInt64) throws(Errno) {
         let (_, f) = try file(fd)
-        guard case .guestMemfd(let ino, let vm) = f.kind, vms[vm]!.conversion == .inPlace else { throw .ENOTTY }
+        let (fileID, _) = try file(fd)
+        guard case .guestMemfd(let ino) = f.kind, let vm = gmemFiles[fileID]?.vm, vms[vm]?.conversion == .inPlace else {
+            throw .ENOTTY
+        }
         if flags != 0 { throw .EINVAL }
         if !vms[vm]!.type.hasPrivateMemory { throw .EINVAL }
         if attributes & ~UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE != 0 { throw .EINVAL }

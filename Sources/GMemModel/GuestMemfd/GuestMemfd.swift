@@ -51,7 +51,9 @@ struct GmemInode: Hashable {
 /// struct gmem_file: one VM's view of an inode, with its memslot bindings.
 struct GmemFile: Hashable {
     let inode: UInt64
-    let vm: UInt64
+    /// The VM this file is a view for: from creation upstream; from the first bind
+    /// when the file was created on /dev/kvm (memslots-hold-file policy).
+    var vm: UInt64?
     /// The memslot bound at each page offset (as_id << 16 | slot id), or nil.
     var bindings = RangeMap<UInt32?>(nil)
 }
@@ -69,20 +71,27 @@ extension Kernel {
         return flags
     }
 
-    /// KVM_CREATE_GUEST_MEMFD, issued on `fd`.
-    public mutating func createGuestMemfd(on fd: Int32, size: UInt64, flags: UInt64) throws(Errno) -> Int32 {
-        let vm = try vmFD(fd)
+    /// KVM_CREATE_GUEST_MEMFD, issued on `fd` (nil: /dev/kvm, where only the
+    /// memslots-hold-file policy creates a file with no VM).
+    public mutating func createGuestMemfd(on fd: Int32?, size: UInt64, flags: UInt64) throws(Errno) -> Int32 {
+        let vm: UInt64?
+        if let fd {
+            vm = try vmFD(fd)
+        } else {
+            guard config.bindingOwnership == .memslotHoldsFile else { throw .EINVAL }  // kvm_dev_ioctl default
+            vm = nil
+        }
         if flags & ~gmemSupportedFlags(vm: vm) != 0 { throw .EINVAL }
         // size is a loff_t: zero, negative or unaligned is EINVAL.
         if size == 0 || Int64(bitPattern: size) < 0 || size & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
         let ino = newID()
-        gmemInodes[ino] = GmemInode(ino: ino, size: size, flags: flags, inPlace: vms[vm]!.conversion == .inPlace)
-        let fd = installFD(.guestMemfd(inode: ino, vm: vm))
+        gmemInodes[ino] = GmemInode(ino: ino, size: size, flags: flags, inPlace: vm.map { vms[$0]!.conversion == .inPlace } ?? false)
+        let fd = installFD(.guestMemfd(inode: ino))
         let fileID = fds[fd]!
         gmemFiles[fileID] = GmemFile(inode: ino, vm: vm)
         gmemInodes[ino]!.files.insert(fileID)
-        // The file holds the VM (kvm_get_kvm); the VM does not hold the file.
-        vms[vm]!.refs += 1
+        // Upstream the file holds the VM (kvm_get_kvm); the VM does not hold the file.
+        if let vm, config.bindingOwnership == .fileHoldsVM { vms[vm]!.refs += 1 }
         return fd
     }
 
@@ -93,7 +102,7 @@ extension Kernel {
         let (_, f) = try file(fd)
         try vfsFallocateChecks(mode: mode, offset: offset, length: length)
         switch f.kind {
-        case .guestMemfd(let ino, _):
+        case .guestMemfd(let ino):
             try gmemFallocate(ino, mode: mode, offset: offset, length: length)
         case .memfd(let ino):
             try shmemFallocate(ino, mode: mode, offset: offset, length: length)
@@ -173,8 +182,9 @@ extension Kernel {
         }
         for fileID in gmemInodes[ino]!.files {
             let g = gmemFiles[fileID]!
+            guard let vm = g.vm else { continue }
             g.bindings.forEachRun(in: range) { r, slot in
-                if let slot { zapGmemBinding(vm: g.vm, slot: slot, pgoffs: r) }
+                if let slot { zapGmemBinding(vm: vm, slot: slot, pgoffs: r) }
                 return true
             }
         }
@@ -214,19 +224,22 @@ extension Kernel {
     /// another file refers to it.
     mutating func gmemRelease(file fileID: UInt64) {
         let g = gmemFiles.removeValue(forKey: fileID)!
-        g.bindings.forEachRun(in: 0..<UInt64.max) { r, slot in
-            if let slot {
-                if !config.mutants.contains(.releaseWithoutZap) { zapGmemBinding(vm: g.vm, slot: slot, pgoffs: r) }
-                vms[g.vm]!.memslots[slot]!.gmem?.fileAlive = false
+        if let vm = g.vm, vms[vm] != nil {
+            // (With memslots holding the file, no binding is left by now.)
+            g.bindings.forEachRun(in: 0..<UInt64.max) { r, slot in
+                if let slot {
+                    if !config.mutants.contains(.releaseWithoutZap) { zapGmemBinding(vm: vm, slot: slot, pgoffs: r) }
+                    vms[vm]!.memslots[slot]!.gmem?.fileAlive = false
+                }
+                return true
             }
-            return true
+            vms[vm]!.mmuInvalidateSeq += 1
         }
-        vms[g.vm]!.mmuInvalidateSeq += 1
         gmemInodes[g.inode]!.files.remove(fileID)
         if gmemInodes[g.inode]!.files.isEmpty {
             freeGmemInode(g.inode)
         }
-        putVM(g.vm)
+        if let vm = g.vm, config.bindingOwnership == .fileHoldsVM { putVM(vm) }
     }
 
     /// evict_inode: the page cache goes away with the last file.
@@ -243,7 +256,7 @@ extension Kernel {
     /// host faults SIGBUS. A hole has no frame to poison: ENOENT.
     public mutating func memoryFailure(_ fd: Int32, offset: UInt64) throws(Errno) {
         let (_, f) = try file(fd)
-        guard case .guestMemfd(let ino, _) = f.kind else { throw .EINVAL }
+        guard case .guestMemfd(let ino) = f.kind else { throw .EINVAL }
         if offset & (UAPI.pageSize - 1) != 0 || offset >= gmemInodes[ino]!.size { throw .EINVAL }
         let pgoff = offset >> UAPI.pageShift
         let pfn: UInt64
@@ -266,7 +279,7 @@ extension Kernel {
     public func fstat(_ fd: Int32) throws(Errno) -> FileStat {
         let (id, f) = try file(fd)
         switch f.kind {
-        case .guestMemfd(let ino, _):
+        case .guestMemfd(let ino):
             // st_blocks is always 0: guest_memfd does not account blocks.
             return FileStat(size: gmemInodes[ino]!.size, blksize: UAPI.pageSize, blocks: 0, inode: ino)
         case .memfd(let ino):

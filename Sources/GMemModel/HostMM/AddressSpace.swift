@@ -74,7 +74,7 @@ extension Kernel {
         if let fd {
             let (fileID, f) = try file(fd)
             switch f.kind {
-            case .guestMemfd(let ino, _):
+            case .guestMemfd(let ino):
                 // guest_memfd's mount is noexec: do_mmap refuses VM_EXEC first.
                 if prot.contains(.exec) { throw .EPERM }
                 guard gmemInodes[ino]!.supportsMmap else { throw .ENODEV }

@@ -99,6 +99,11 @@ extension Kernel {
             userspaceAddr: mem.userspaceAddr, gmem: binding, gmemOnly: gmemOnly)
         if let binding {
             gmemFiles[binding.file]!.bindings.set(binding.pgoff..<binding.pgoff + npages, to: mem.slot)
+            if config.bindingOwnership == .memslotHoldsFile {
+                // The memslot holds the file; the file is this VM's from now on.
+                gmemFiles[binding.file]!.vm = vm
+                getFile(binding.file)
+            }
         }
         insertMemslot(vm: vm, slot)
     }
@@ -119,8 +124,9 @@ extension Kernel {
         -> (GmemBinding, Bool)
     {
         guard fd <= UInt32(Int32.max), let fileID = fds[Int32(fd)], let f = files[fileID] else { throw .EBADF }
-        guard case .guestMemfd(let ino, let owner) = f.kind else { throw .EINVAL }
-        if owner != vm { throw .EINVAL }
+        guard case .guestMemfd(let ino) = f.kind else { throw .EINVAL }
+        // Upstream the file was made for one VM; the alternative binds it at first bind.
+        if let owner = gmemFiles[fileID]!.vm, owner != vm { throw .EINVAL }
         let inode = gmemInodes[ino]!
         let size = npages << UAPI.pageShift
         if Int64(bitPattern: offset) < 0 || offset & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
@@ -152,6 +158,7 @@ extension Kernel {
         unmapMemslot(vm: vm, slot)
         if let g = slot.gmem, g.fileAlive {
             gmemFiles[g.file]!.bindings.set(g.pgoff..<g.pgoff + slot.npages, to: nil)
+            if config.bindingOwnership == .memslotHoldsFile { putFile(g.file) }
         }
     }
 }

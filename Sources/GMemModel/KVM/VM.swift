@@ -90,10 +90,12 @@ extension Kernel {
     }
 
     /// kvm_put_kvm(): the VM is destroyed with its last reference, deleting its
-    /// memslots (every guest_memfd file is gone by then: each held a reference).
+    /// memslots. Upstream every guest_memfd file is gone by then (each held a
+    /// reference); with memslots holding files, deleting the slots drops theirs.
     mutating func putVM(_ id: UInt64) {
         vms[id]!.refs -= 1
         guard vms[id]!.refs == 0 else { return }
+        for slot in vms[id]!.memslots.values.sorted(by: { $0.slot < $1.slot }) { deleteMemslot(vm: id, slot) }
         vms[id] = nil
     }
 
