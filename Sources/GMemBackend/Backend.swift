@@ -218,6 +218,8 @@ public enum Feature: String, CaseIterable, Sendable {
     case iommu = "iommu"
     /// A pKVM-style hypervisor with per-page ownership.
     case pkvm = "pkvm"
+    /// SNP- and TDX-like VM types: accesses carry private/shared, conversion is lossy.
+    case cocoPlatforms = "coco_platforms"
 }
 
 /// How a device's IOMMU is managed: a policy per domain.

@@ -115,6 +115,8 @@ public final class KernelBackend: Backend {
             return "IOMMU domains and device DMA run on the model (no VFIO device here)"
         case .pkvm:
             return "no pKVM on this host (an x86 kvm-pvm guest); the ownership state machine runs on the model"
+        case .cocoPlatforms:
+            return capability(.vmTypes) & 0b11_0000 == 0b11_0000 ? nil : "KVM_CAP_VM_TYPES lacks SNP and TDX VMs on this host"
         }
     }
 

@@ -22,9 +22,10 @@ public struct ModelConfig: Hashable, Sendable {
     public var bindingOwnership: BindingOwnership = .fileHoldsVM
 
     /// Mainline x86-64 (6.18 guest_memfd semantics) with TDP and
-    /// CONFIG_KVM_SW_PROTECTED_VM: `default` and `sw_protected` VMs.
+    /// CONFIG_KVM_SW_PROTECTED_VM: `default` and `sw_protected` VMs, and the model's
+    /// TDX- and SNP-like platforms (`snp`, `tdx`).
     public static let mainline = ModelConfig(
-        supportedVMTypes: 0b11, memoryAttributesIoctl: true, tdp: true, maxPhysAddrBits: 52,
+        supportedVMTypes: 0b11_0011, memoryAttributesIoctl: true, tdp: true, maxPhysAddrBits: 52,
         addressSpaces: 1)
 
     /// The hosts this project runs on (reference/host-kernel-probe.md): 6.18 with

@@ -22,6 +22,8 @@ public final class ModelBackend: Backend {
             return c.tdp ? nil : "the modelled host uses shadow paging: no KVM_PRE_FAULT_MEMORY (--model-config)"
         case .memoryFailure, .pins, .processes, .iommu, .pkvm:
             return nil
+        case .cocoPlatforms:
+            return c.supportedVMTypes & 0b11_0000 == 0b11_0000 ? nil : "the modelled host has no snp/tdx VM types (--model-config)"
         case .inPlaceConversion:
             return c.inPlaceConversion ? nil : "the modelled host has no in-place conversion (--model-config)"
         }
@@ -111,10 +113,9 @@ public final class ModelBackend: Backend {
         }
     }
     public func guestAccess(vcpu: FD, _ access: GuestAccess) throws(BackendError) -> GuestOutcome {
-        if access.isPrivate != nil {
-            // default and sw_protected VMs take private/shared from the attributes; the
-            // platforms whose accesses carry the bit (TDX, SNP) come with conversion work.
-            throw .unsupported("this platform decides private/shared from memory attributes; `private` needs a platform with a shared-GPA bit")
+        if access.isPrivate != nil, kernel.vmType(ofVCPU: vcpu.raw)?.accessCarriesPrivate != true {
+            // default and sw_protected VMs take private/shared from the attributes.
+            throw .unsupported("this platform decides private/shared from memory attributes; `private` needs a platform with a shared-GPA bit (snp, tdx)")
         }
         return try run { k throws(Errno) in try k.guestAccess(vcpu: vcpu.raw, access) }
     }

@@ -157,7 +157,7 @@ struct PropertyTests {
                 let fd = FD(Int32(fdRaw))
                 let bytes = [UInt8](repeating: UInt8(truncatingIfNeeded: small), count: Int(small % 9))
                 switch op {
-                case 0: _ = try? b.createVM(type: UInt64(small % 3), conversion: small % 2 == 0 ? .inPlace : .attributes)
+                case 0: _ = try? b.createVM(type: [0, 1, 4, 5][Int(small % 4)], conversion: small % 2 == 0 ? .inPlace : .attributes)
                 case 1: _ = try? b.createGuestMemfd(on: small % 5 == 0 ? nil : fd, size: x, flags: UInt64(small % 4))
                 case 2: _ = try? b.fallocate(fd, mode: small, offset: x, length: y)
                 case 3:
@@ -179,7 +179,7 @@ struct PropertyTests {
                     _ = try? b.setUserMemoryRegion2(vm: fd, region)
                 case 8: _ = try? b.setMemoryAttributes(vm: fd, address: x, size: y, attributes: UInt64(small % 2) << 3, flags: 0)
                 case 9: _ = try? b.createVCPU(vm: fd, id: small % 2)
-                case 10: _ = try? b.guestAccess(vcpu: fd, GuestAccess(gpa: x, kind: .read(count: UInt64(small))))
+                case 10: _ = try? b.guestAccess(vcpu: fd, GuestAccess(gpa: x, kind: .read(count: UInt64(small)), isPrivate: small % 3 == 0 ? nil : small % 3 == 1))
                 case 11: _ = try? b.guestAccess(vcpu: fd, GuestAccess(gpa: x &+ y, kind: .write(bytes)))
                 case 12: _ = try? b.preFaultMemory(vcpu: fd, gpa: x, size: y % (1 << 24), flags: 0)
                 case 13: _ = try? b.close(fd)

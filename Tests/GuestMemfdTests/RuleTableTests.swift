@@ -57,8 +57,9 @@ struct RuleTableTests {
         for bit in 0..<64 {
             let flags = UInt64(1) << bit
             cases.append(CreateCase(type: .default, size: 4096, flags: flags, errno: bit < 2 ? nil : .EINVAL))
-            // sw_protected (x86 mainline): MMAP only.
+            // sw_protected (x86 mainline): MMAP only; the same for the SNP- and TDX-like platforms.
             cases.append(CreateCase(type: .swProtected, size: 4096, flags: flags, errno: bit == 0 ? nil : .EINVAL))
+            cases.append(CreateCase(type: .snp, size: 4096, flags: flags, errno: bit == 0 ? nil : .EINVAL))
         }
         // Flags are checked before the size.
         cases.append(CreateCase(type: .default, size: 1, flags: 4, errno: .EINVAL))
@@ -187,7 +188,7 @@ struct RuleTableTests {
         (VMType?.none, Capability.guestMemfdFlags, UInt64(3)),
         (.default, .guestMemfdFlags, 3), (.swProtected, .guestMemfdFlags, 1),
         (nil, .memoryAttributes, 8), (.default, .memoryAttributes, 0), (.swProtected, .memoryAttributes, 8),
-        (nil, .guestMemfd, 1), (.default, .guestMemfd, 1), (nil, .vmTypes, 3), (nil, .nrMemslots, 32764),
+        (nil, .guestMemfd, 1), (.default, .guestMemfd, 1), (nil, .vmTypes, 0x33), (nil, .nrMemslots, 32764),
         (nil, .exitHypercall, 0x1000), (.default, .preFaultMemory, 1),
     ])
     func capabilities(type: VMType?, cap: Capability, value: UInt64) throws {

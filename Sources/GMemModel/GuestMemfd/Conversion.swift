@@ -54,6 +54,10 @@ extension Kernel {
         }
         gmemInvalidate(ino, range)
         gmemInodes[ino]!.privatePages.set(range, to: toPrivate)
+        // On TDX/SNP-like platforms the page is re-keyed: its old contents are gone.
+        if let vm = gmemFiles[fds[fd]!]?.vm, vms[vm]!.type.conversionIsLossy {
+            for pgoff in presentKeys(of: gmemInodes[ino]!.folios, in: range) { phys.zero(gmemInodes[ino]!.folios[pgoff]!) }
+        }
         return ConversionOutcome(errno: nil, errorOffset: 0)
     }
 

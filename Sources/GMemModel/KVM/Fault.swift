@@ -16,8 +16,10 @@ extension Kernel {
     mutating func stage2Page(vm: UInt64, gfn: UInt64, write: Bool, isPrivate requested: Bool?) throws(FaultExit)
         -> UInt64
     {
-        if let spte = vms[vm]!.spte[gfn], spte.writable || !write {
-            // The hardware walk hits; no fault, so no KVM check runs.
+        // The hardware walk hits; no fault, so no KVM check runs. Where the access
+        // carries private/shared (a shared-GPA bit), the two sides are different
+        // translations: an SPTE serves only accesses of its own side.
+        if let spte = vms[vm]!.spte[gfn], spte.writable || !write, requested.map({ $0 == spte.isPrivate }) ?? true {
             return spte.pfn
         }
         let attrPrivate = kvmMemIsPrivate(vm: vm, gfn: gfn)
@@ -51,6 +53,12 @@ extension Kernel {
         }
         vms[vm]!.spte[gfn] = SPTE(pfn: pfn, isPrivate: isPrivate, writable: writable)
         return pfn
+    }
+
+    /// The type of the VM a vCPU fd belongs to.
+    public func vmType(ofVCPU fd: Int32) -> VMType? {
+        guard let (vm, _) = try? vcpuFD(fd) else { return nil }
+        return vms[vm]?.type
     }
 
     /// kvm_mem_is_private(): the VM's attribute, or with in-place conversion the

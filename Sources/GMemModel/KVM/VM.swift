@@ -3,6 +3,14 @@ import GMemBackend
 extension VMType {
     /// kvm_arch_has_private_mem(): the VM can have private memory.
     var hasPrivateMemory: Bool { self != .default }
+
+    /// The access says whether it is private (TDX's shared-GPA bit, SNP's C-bit);
+    /// elsewhere KVM decides from the attributes.
+    var accessCarriesPrivate: Bool { self == .snp || self == .tdx }
+
+    /// Conversion does not keep contents: the hardware re-keys the page, so what was
+    /// there reads as zero afterwards (the model's stand-in for ciphertext).
+    var conversionIsLossy: Bool { self == .snp || self == .tdx }
 }
 
 /// A memslot's guest_memfd binding (slot->gmem).
