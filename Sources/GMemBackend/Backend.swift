@@ -230,6 +230,9 @@ public enum IOMMUModel: String, CaseIterable, Hashable, Sendable {
     /// A hypervisor owns the IOMMU (pKVM-style) and maps guest memory by hypercall:
     /// it refuses private pages, and conversion of a mapped page is refused.
     case hypervisor
+    /// Nested translation: the device's stage-1 maps IOVA to GPA, and its stage-2
+    /// mirrors the VM's CPU stage-2 for shared memory; DMA to a private gfn faults.
+    case nested
 }
 
 /// Who holds whom between a guest_memfd file and its VM: a policy per run.
@@ -337,10 +340,11 @@ public protocol Backend: AnyObject {
     func switchProcess(_ process: ProcessHandle) throws(BackendError)
     /// exit(2) of `process` (not the VMM).
     func exitProcess(_ process: ProcessHandle) throws(BackendError)
-    /// Creates an IOMMU domain managed by `model`.
-    func createIOMMUDomain(_ model: IOMMUModel) throws(BackendError) -> PinHandle
-    /// Maps host memory (VFIO: `address` in this process) or guest_memfd memory
-    /// (hypervisor: `fd`, `offset`) at `iova`.
+    /// Creates an IOMMU domain managed by `model` (nested: for the VM `vm`).
+    func createIOMMUDomain(_ model: IOMMUModel, vm: FD?) throws(BackendError) -> PinHandle
+    /// Maps host memory (VFIO: `address` in this process), guest_memfd memory
+    /// (hypervisor: `fd`, `offset`) or guest physical memory (nested: `offset` is
+    /// the GPA) at `iova`.
     func iommuMap(domain: PinHandle, iova: UInt64, address: UInt64?, fd: FD?, offset: UInt64, length: UInt64)
         throws(BackendError)
     func iommuUnmap(domain: PinHandle, iova: UInt64, length: UInt64) throws(BackendError)

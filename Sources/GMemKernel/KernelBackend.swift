@@ -620,7 +620,7 @@ public final class KernelBackend: Backend {
         throw .unsupported(missing(.processes)!)
     }
 
-    public func createIOMMUDomain(_ model: IOMMUModel) throws(BackendError) -> PinHandle {
+    public func createIOMMUDomain(_ model: IOMMUModel, vm: FD?) throws(BackendError) -> PinHandle {
         throw .unsupported(missing(.iommu)!)
     }
 

@@ -197,15 +197,17 @@ public final class ModelBackend: Backend {
         try run { k throws(Errno) in try k.exitProcess(process.pid) }
     }
 
-    public func createIOMMUDomain(_ model: IOMMUModel) throws(BackendError) -> PinHandle {
-        PinHandle(id: kernel.createIOMMUDomain(model))
+    public func createIOMMUDomain(_ model: IOMMUModel, vm: FD?) throws(BackendError) -> PinHandle {
+        PinHandle(id: try run { k throws(Errno) in try k.createIOMMUDomain(model, vm: vm?.raw) })
     }
 
     public func iommuMap(domain: PinHandle, iova: UInt64, address: UInt64?, fd: FD?, offset: UInt64, length: UInt64)
         throws(BackendError)
     {
         try run { k throws(Errno) in
-            if let address {
+            if k.iommuDomains[domain.id]?.model == .nested {
+                try k.nestedMap(domain: domain.id, iova: iova, gpa: offset, length: length)
+            } else if let address {
                 try k.vfioMapDMA(domain: domain.id, iova: iova, address: address &+ offset, length: length)
             } else if let fd {
                 try k.hypervisorIOMMUMap(domain: domain.id, iova: iova, fd: fd.raw, offset: offset, length: length)

@@ -282,9 +282,10 @@ public final class ScenarioRunner {
                 for k in ["host", "hyp", "guest"] { if let v = s[k] { o[k] = .string(v.rawValue) } }
                 return Observation(result: .ok, value: .object(o))
             }
-        case .iommuDomain(let model):
+        case .iommuDomain(let model, let vmRef):
+            let vm = try vmRef.map { r throws(Skip) in try fd(r) }
             return try call { () throws(BackendError) in
-                let d = try b.createIOMMUDomain(model)
+                let d = try b.createIOMMUDomain(model, vm: vm)
                 if let n = step.name {
                     domains[n] = d
                     missing[n] = nil

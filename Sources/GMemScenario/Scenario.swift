@@ -63,7 +63,7 @@ public enum Op: Hashable, Sendable {
     case exitProcess
     case gupFast(map: String, offset: UInt64, length: UInt64)
     case gupFastDrop(ref: String)
-    case iommuDomain(IOMMUModel)
+    case iommuDomain(IOMMUModel, vm: Ref?)
     case iommuMap(domain: String, iova: UInt64, map: String?, fd: Ref?, offset: UInt64, length: UInt64)
     case iommuUnmap(domain: String, iova: UInt64, length: UInt64)
     case dmaRead(domain: String, iova: UInt64, count: UInt64)

@@ -377,15 +377,21 @@ struct StepReader {
             return .pkvmState(page: try number("page"), guest: try guestName(), gfn: try optionalNumber("gfn") ?? 0)
         case "iommu_domain":
             guard let m = try string("model"), let model = IOMMUModel(rawValue: m) else {
-                throw fail("model", "expected \"vfio\" or \"hypervisor\"")
+                throw fail("model", "expected \"vfio\", \"hypervisor\" or \"nested\"")
             }
-            return .iommuDomain(model)
+            let vm = try optionalRef("vm")
+            if (model == .nested) != (vm != nil) { throw fail("vm", "a nested domain needs \"vm\"; the others take none") }
+            return .iommuDomain(model, vm: vm)
         case "iommu_map":
             let domain = try domainName()
             let map = obj["map"] != nil ? try mapName("map") : nil
             let fd = try optionalRef("fd")
+            if let gpa = try optionalNumber("gpa") {
+                guard map == nil && fd == nil else { throw fail("gpa", "a nested mapping takes \"gpa\" alone") }
+                return .iommuMap(domain: domain, iova: try number("iova"), map: nil, fd: nil, offset: gpa, length: try number("len"))
+            }
             guard (map == nil) != (fd == nil) else {
-                throw fail(map == nil ? "map" : "fd", "give \"map\" (VFIO: host memory) or \"fd\" (hypervisor: guest_memfd), one of them")
+                throw fail(map == nil ? "map" : "fd", "give \"map\" (VFIO: host memory), \"fd\" (hypervisor: guest_memfd) or \"gpa\" (nested), one of them")
             }
             return .iommuMap(domain: domain, iova: try number("iova"), map: map, fd: fd,
                              offset: try optionalNumber("offset") ?? 0, length: try number("len"))

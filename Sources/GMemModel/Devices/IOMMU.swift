@@ -8,6 +8,8 @@ struct IOMMUEntry: Hashable {
     var pin: UInt64?
     /// Hypervisor-managed: the guest_memfd page it maps.
     var gmemPage: GmemPageRef?
+    /// Nested: the GPA page stage-1 maps to (pfn unused: stage-2 resolves it).
+    var gfn: UInt64?
 }
 
 /// A guest_memfd page by inode and offset.
@@ -19,16 +21,38 @@ struct GmemPageRef: Hashable {
 /// An IOMMU domain: the address space one device (group) sees.
 struct IOMMUDomain: Hashable {
     let model: IOMMUModel
+    /// Nested: the VM whose stage-2 the device's stage-2 mirrors.
+    var vm: UInt64?
     /// IOVA page -> entry.
     var entries: [UInt64: IOMMUEntry] = [:]
 }
 
 extension Kernel {
-    /// Creates an IOMMU domain of `model`.
-    public mutating func createIOMMUDomain(_ model: IOMMUModel) -> UInt64 {
+    /// Creates an IOMMU domain of `model`; a nested domain belongs to a VM.
+    public mutating func createIOMMUDomain(_ model: IOMMUModel, vm fd: Int32? = nil) throws(Errno) -> UInt64 {
+        var vm: UInt64?
+        if model == .nested {
+            guard let fd else { throw .EINVAL }
+            vm = try vmFD(fd)
+        }
         let id = newID()
-        iommuDomains[id] = IOMMUDomain(model: model)
+        iommuDomains[id] = IOMMUDomain(model: model, vm: vm)
         return id
+    }
+
+    /// Nested translation, stage-1: maps [iova, iova + length) to GPAs from `gpa`.
+    /// Nothing is checked here: stage-2 decides at each DMA.
+    public mutating func nestedMap(domain: UInt64, iova: UInt64, gpa: UInt64, length: UInt64) throws(Errno) {
+        guard iommuDomains[domain]?.model == .nested else { throw .EINVAL }
+        if iova & (UAPI.pageSize - 1) != 0 || gpa & (UAPI.pageSize - 1) != 0 || length & (UAPI.pageSize - 1) != 0 || length == 0 {
+            throw .EINVAL
+        }
+        let first = iova >> UAPI.pageShift
+        let pages = length >> UAPI.pageShift
+        if (first..<first + pages).contains(where: { iommuDomains[domain]!.entries[$0] != nil }) { throw .EEXIST }
+        for i in 0..<pages {
+            iommuDomains[domain]!.entries[first + i] = IOMMUEntry(pfn: 0, gfn: (gpa >> UAPI.pageShift) + i)
+        }
     }
 
     /// VFIO_IOMMU_MAP_DMA: pins [address, address + length) of the current process
@@ -102,7 +126,17 @@ extension Kernel {
         if iova.addingReportingOverflow(count).overflow { throw .EFAULT }
         var out: [UInt8] = []
         for c in PageChunks(start: iova, count: count) {
-            guard let e = iommuDomains[domain]!.entries[c.page] else { throw .EFAULT }
+            guard var e = iommuDomains[domain]!.entries[c.page] else { throw .EFAULT }
+            if let gfn = e.gfn, let vm = iommuDomains[domain]!.vm {
+                // Stage-2 for devices maps shared memory only, as the CPU's does for
+                // shared accesses; a private gfn is a stage-2 fault.
+                guard vms[vm] != nil, !kvmMemIsPrivate(vm: vm, gfn: gfn) else { throw .EFAULT }
+                do {
+                    e.pfn = try stage2Page(vm: vm, gfn: gfn, write: bytes != nil, isPrivate: false)
+                } catch {
+                    throw .EFAULT
+                }
+            }
             if let bytes {
                 phys.write(e.pfn, offset: c.offsetInPage, bytes[c.range])
             } else {
