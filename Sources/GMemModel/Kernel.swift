@@ -35,6 +35,17 @@ public struct ModelConfig: Hashable, Sendable {
         addressSpaces: 1, inPlaceConversion: false)
 }
 
+/// What the system did, counted: the policy comparison's columns.
+public struct Stats: Hashable, Sendable {
+    public var conversionsDone = 0
+    public var conversionsRefused = 0
+    public var spteZapped = 0
+    public var iommuEntriesZapped = 0
+    public var vmasCreated = 0
+    public var pagesZeroed = 0
+    public var pagesCopied = 0
+}
+
 /// What an open file description is.
 enum FileKind: Hashable {
     case kvmDevice
@@ -76,6 +87,14 @@ public struct Kernel: Hashable {
     var pins: [UInt64: Pin] = [:]
     /// IOMMU domains.
     var iommuDomains: [UInt64: IOMMUDomain] = [:]
+    /// Counters for the policy comparison (pages zeroed and copied live in `phys`).
+    var counters = Stats()
+    public var stats: Stats {
+        var s = counters
+        s.pagesZeroed = phys.pagesZeroed
+        s.pagesCopied = phys.pagesCopied
+        return s
+    }
     /// The pKVM-style hypervisor's view of (its own) physical pages.
     public internal(set) var pkvm = PKVM(pages: 64)
     /// GUP-fast references between their walk and their recheck.

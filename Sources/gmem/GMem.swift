@@ -13,7 +13,7 @@ struct GMem: ParsableCommand {
             With no subcommand, gmem runs the bundled tour: a guided set of scenarios that
             show what guest_memfd does, on the model.
             """,
-        subcommands: [Tour.self, Run.self, Probe.self],
+        subcommands: [Tour.self, Run.self, Probe.self, Compare.self],
         defaultSubcommand: Tour.self)
 }
 

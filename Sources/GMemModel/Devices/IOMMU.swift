@@ -108,6 +108,7 @@ extension Kernel {
         var unpinned: Set<UInt64> = []
         for page in first..<first + (length >> UAPI.pageShift) {
             guard let e = iommuDomains[domain]!.entries.removeValue(forKey: page) else { continue }
+            counters.iommuEntriesZapped += 1
             if let p = e.pin, unpinned.insert(p).inserted {
                 // VFIO unpins what it pinned for this mapping.
                 try? unpin(p)

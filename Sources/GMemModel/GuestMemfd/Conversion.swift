@@ -45,15 +45,18 @@ extension Kernel {
         if toPrivate {
             unmapMappingRange(.guestMemfd(ino), pgoffs: range)
             if !config.mutants.contains(.skipRefcountCheck), let busy = firstPageInUse(ino, range) {
+                counters.conversionsRefused += 1
                 return ConversionOutcome(errno: .EAGAIN, errorOffset: busy << UAPI.pageShift)
             }
             // A hypervisor-managed IOMMU holds no reference; the hypervisor refuses.
             if let mapped = firstIOMMUMappedPage(ino, range) {
+                counters.conversionsRefused += 1
                 return ConversionOutcome(errno: .EAGAIN, errorOffset: mapped << UAPI.pageShift)
             }
         }
         gmemInvalidate(ino, range)
         gmemInodes[ino]!.privatePages.set(range, to: toPrivate)
+        counters.conversionsDone += 1
         // On TDX/SNP-like platforms the page is re-keyed: its old contents are gone.
         if let vm = gmemFiles[fds[fd]!]?.vm, vms[vm]!.type.conversionIsLossy {
             for pgoff in presentKeys(of: gmemInodes[ino]!.folios, in: range) { phys.zero(gmemInodes[ino]!.folios[pgoff]!) }

@@ -177,7 +177,10 @@ extension Kernel {
         // Hypervisor-managed IOMMUs mirror the guest's memory: their entries go too.
         for id in iommuDomains.keys where iommuDomains[id]!.model == .hypervisor {
             for (page, e) in iommuDomains[id]!.entries {
-                if let g = e.gmemPage, g.inode == ino, range.contains(g.pgoff) { iommuDomains[id]!.entries[page] = nil }
+                if let g = e.gmemPage, g.inode == ino, range.contains(g.pgoff) {
+                    iommuDomains[id]!.entries[page] = nil
+                    counters.iommuEntriesZapped += 1
+                }
             }
         }
         for fileID in gmemInodes[ino]!.files {

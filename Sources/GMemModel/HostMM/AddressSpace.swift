@@ -96,6 +96,7 @@ extension Kernel {
         mm.nextVPN += pages + 1
         let vma = VMA(id: newID(), start: start, backing: backing, pgoff: pgoff, prot: prot, shared: shared)
         mm.vmas.set(start..<start + pages, to: vma)
+        counters.vmasCreated += 1
         return Mapping(address: start << UAPI.pageShift, length: length)
     }
 

@@ -159,7 +159,10 @@ extension Kernel {
     mutating func zapGfns(vm: UInt64, _ gfns: Range<UInt64>) {
         guard !gfns.isEmpty else { return }
         vms[vm]!.mmuInvalidateSeq += 1
-        for gfn in presentKeys(of: vms[vm]!.spte, in: gfns) { vms[vm]!.spte[gfn] = nil }
+        for gfn in presentKeys(of: vms[vm]!.spte, in: gfns) {
+            vms[vm]!.spte[gfn] = nil
+            counters.spteZapped += 1
+        }
     }
 
     /// Zaps what memslot `slot` maps for guest_memfd page offsets `pgoffs`.
@@ -187,6 +190,7 @@ extension Kernel {
                 vms[id]!.mmuInvalidateSeq += 1
                 for gfn in gfns where vms[id]!.spte[gfn].map({ !$0.isPrivate }) == true {
                     vms[id]!.spte[gfn] = nil
+                    counters.spteZapped += 1
                 }
             }
         }
@@ -213,6 +217,7 @@ extension Kernel {
         // kvm_arch_pre_set_memory_attributes(): unmap the old side first.
         if !config.mutants.contains(.skipAttributeZap) { zapGfns(vm: vm, gfns) }
         vms[vm]!.attributes.set(gfns, to: attributes)
+        counters.conversionsDone += 1
     }
 }
 

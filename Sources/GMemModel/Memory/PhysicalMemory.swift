@@ -21,6 +21,9 @@ struct Frame: Hashable {
 struct PhysicalMemory: Hashable {
     private(set) var frames: [UInt64: Frame] = [:]
     private var nextPFN: UInt64 = 0x100
+    /// Pages cleared and pages copied, for the policy comparison.
+    private(set) var pagesZeroed = 0
+    private(set) var pagesCopied = 0
 
     static let pageSize = Int(UAPI.pageSize)
 
@@ -57,6 +60,7 @@ struct PhysicalMemory: Hashable {
     /// clear_highpage().
     mutating func zero(_ pfn: UInt64) {
         frames[pfn]!.data = nil
+        pagesZeroed += 1
     }
 
     /// Copies `count` bytes at `offset` within the frame into `out`.
@@ -87,6 +91,7 @@ struct PhysicalMemory: Hashable {
     /// Copies one frame's contents into another (COW, migration).
     mutating func copy(from source: UInt64, to destination: UInt64) {
         frames[destination]!.data = frames[source]!.data
+        pagesCopied += 1
     }
 
     /// Frames currently allocated.
