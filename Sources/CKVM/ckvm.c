@@ -74,6 +74,21 @@ int ckvm_memfd_create(const char *name, uint64_t size) {
     return fd;
 }
 
+int ckvm_memfd_secret(uint64_t size) {
+#ifdef SYS_memfd_secret
+    int fd = (int)syscall(SYS_memfd_secret, O_CLOEXEC);
+#else
+    int fd = (int)syscall(447, O_CLOEXEC);
+#endif
+    if (fd < 0) return -errno;
+    if (ftruncate(fd, (off_t)size) < 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    return fd;
+}
+
 int ckvm_fallocate(int fd, int mode, uint64_t offset, uint64_t length) {
     return (int)result_or_errno(fallocate(fd, mode, (off_t)offset, (off_t)length));
 }
@@ -108,6 +123,10 @@ intptr_t ckvm_mmap(void *addr, uint64_t length, int prot, int flags, int fd, uin
     void *p = mmap(addr, length, prot, flags, fd, (off_t)offset);
     if (p == MAP_FAILED) return -errno;
     return (intptr_t)p;
+}
+
+int ckvm_mprotect(uint64_t addr, uint64_t length, int prot) {
+    return (int)result_or_errno(mprotect((void *)(uintptr_t)addr, length, prot));
 }
 
 int ckvm_munmap(uint64_t addr, uint64_t length) {

@@ -274,8 +274,9 @@ public protocol Backend: AnyObject {
     func createGuestMemfd(on fd: FD?, size: UInt64, flags: UInt64) throws(BackendError) -> FD
     /// Chooses the binding-ownership policy for this run (before anything is created).
     func setBindingOwnership(_ policy: BindingOwnership) throws(BackendError)
-    /// memfd_create(2) followed by ftruncate(2) to `size`.
-    func memfdCreate(size: UInt64) throws(BackendError) -> FD
+    /// memfd_create(2) followed by ftruncate(2) to `size`; with `secret`,
+    /// memfd_secret(2): memory removed from the kernel's direct map.
+    func memfdCreate(size: UInt64, secret: Bool) throws(BackendError) -> FD
     /// close(2).
     func close(_ fd: FD) throws(BackendError)
     /// fstat(2).
@@ -299,6 +300,8 @@ public protocol Backend: AnyObject {
         throws(BackendError) -> Mapping
     /// munmap(2).
     func munmap(_ mapping: Mapping) throws(BackendError)
+    /// mprotect(2).
+    func mprotect(address: UInt64, length: UInt64, prot: Protection) throws(BackendError)
     /// A host store to `address` (a memcpy into the mapping).
     func hostWrite(address: UInt64, bytes: [UInt8]) throws(BackendError) -> HostAccess
     /// A host load from `address`.
@@ -367,6 +370,11 @@ public protocol Backend: AnyObject {
 }
 
 extension Backend {
+    /// memfd_create(2) + ftruncate(2): ordinary shared memory.
+    public func memfdCreate(size: UInt64) throws(BackendError) -> FD {
+        try memfdCreate(size: size, secret: false)
+    }
+
     /// KVM_CREATE_VM with the x86 mainline conversion model (VM-level attributes).
     public func createVM(type: UInt64) throws(BackendError) -> FD {
         try createVM(type: type, conversion: .attributes)

@@ -168,8 +168,11 @@ public final class KernelBackend: Backend {
         }
     }
 
-    public func memfdCreate(size: UInt64) throws(BackendError) -> FD {
-        try adopt(ckvm_memfd_create("gmem-scenario", size))
+    public func memfdCreate(size: UInt64, secret: Bool) throws(BackendError) -> FD {
+        guard secret else { return try adopt(ckvm_memfd_create("gmem-scenario", size)) }
+        let fd = ckvm_memfd_secret(size)
+        if fd == -Errno.ENOSYS.rawValue { throw .unsupported("memfd_secret(2) is not enabled on this kernel") }
+        return try adopt(fd)
     }
 
     public func close(_ fd: FD) throws(BackendError) {
@@ -245,6 +248,10 @@ public final class KernelBackend: Backend {
         let addr = ckvm_mmap(nil, length, Int32(prot.rawValue), flags, fd.map(real) ?? -1, offset)
         try check(addr)
         return Mapping(address: UInt64(UInt(bitPattern: addr)), length: length)
+    }
+
+    public func mprotect(address: UInt64, length: UInt64, prot: Protection) throws(BackendError) {
+        try check(ckvm_mprotect(address, length, Int32(prot.rawValue)))
     }
 
     public func munmap(_ mapping: Mapping) throws(BackendError) {

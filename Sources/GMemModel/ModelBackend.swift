@@ -55,8 +55,8 @@ public final class ModelBackend: Backend {
     public func setBindingOwnership(_ policy: BindingOwnership) throws(BackendError) {
         kernel.config.bindingOwnership = policy
     }
-    public func memfdCreate(size: UInt64) throws(BackendError) -> FD {
-        FD(try run { k throws(Errno) in try k.memfdCreate(size: size) })
+    public func memfdCreate(size: UInt64, secret: Bool) throws(BackendError) -> FD {
+        FD(try run { k throws(Errno) in try k.memfdCreate(size: size, secret: secret) })
     }
     public func close(_ fd: FD) throws(BackendError) {
         try run { k throws(Errno) in try k.close(fd.raw) }
@@ -90,6 +90,10 @@ public final class ModelBackend: Backend {
     {
         try run { k throws(Errno) in try k.mmap(fd: fd?.raw, offset: offset, length: length, prot: prot, shared: shared) }
     }
+    public func mprotect(address: UInt64, length: UInt64, prot: Protection) throws(BackendError) {
+        try run { k throws(Errno) in try k.mprotect(address: address, length: length, prot: prot) }
+    }
+
     public func munmap(_ mapping: Mapping) throws(BackendError) {
         try run { k throws(Errno) in try k.munmap(mapping) }
     }

@@ -337,8 +337,8 @@ public final class ScenarioRunner {
             return try call { () throws(BackendError) in
                 bind(step, try b.createGuestMemfd(on: v, size: size, flags: flags))
             }
-        case .memfdCreate(let size):
-            return try call { () throws(BackendError) in bind(step, try b.memfdCreate(size: size)) }
+        case .memfdCreate(let size, let secret):
+            return try call { () throws(BackendError) in bind(step, try b.memfdCreate(size: size, secret: secret)) }
         case .close(let ref):
             let f = try fd(ref)
             return try call { () throws(BackendError) in
@@ -398,6 +398,12 @@ public final class ScenarioRunner {
                 }
                 return Observation(result: .ok, value: .object(JSONObject(["addr": .int(m.address), "len": .int(m.length)])))
             }
+        case .mprotect(let name, let offset, let length, let prot):
+            let m = try mapping(name)
+            return try call { () throws(BackendError) in
+                try b.mprotect(address: m.address &+ offset, length: length ?? m.length, prot: prot)
+                return Observation(result: .ok)
+            }
         case .munmap(let name):
             let m = try mapping(name)
             return try call { () throws(BackendError) in
@@ -409,7 +415,9 @@ public final class ScenarioRunner {
         case .hostWrite(let name, let offset, let bytes):
             let m = try mapping(name)
             return try call { () throws(BackendError) in
-                Self.host(try b.hostWrite(address: m.address &+ offset, bytes: bytes), base: m.address)
+                var o = Self.host(try b.hostWrite(address: m.address &+ offset, bytes: bytes), base: m.address)
+                if o.result == .ok { (o.value, o.bytes) = (nil, nil) }  // a store returns nothing
+                return o
             }
         case .hostRead(let name, let offset, let count):
             let m = try mapping(name)

@@ -311,7 +311,7 @@ struct StepReader {
             guard mode <= UInt64(UInt32.max) else { throw fail("mode", "does not fit in 32 bits") }
             return .fallocate(fd, mode: UInt32(mode), offset: try number("offset"), length: try number("len"))
         case "memfd_create":
-            return .memfdCreate(size: try number("size"))
+            return .memfdCreate(size: try number("size"), secret: try bool("secret") ?? false)
         case "mmap":
             let fd = try optionalRef("fd")
             let prot = try flags("prot", ScenarioParser.protBits, default: 3)
@@ -320,6 +320,10 @@ struct StepReader {
                          prot: Protection(rawValue: UInt32(truncatingIfNeeded: prot)), shared: shared)
         case "munmap":
             return .munmap(map: try mapName("map"))
+        case "mprotect":
+            let map = try mapName("map")
+            return .mprotect(map: map, offset: try optionalNumber("offset") ?? 0, length: try optionalNumber("len"),
+                             prot: Protection(rawValue: UInt32(truncatingIfNeeded: try flags("prot", ScenarioParser.protBits))))
         case "host_write":
             return .hostWrite(map: try mapName("map"), offset: try optionalNumber("offset") ?? 0, try bytes("bytes"))
         case "host_read":

@@ -144,7 +144,7 @@ struct PropertyTests {
     static let number = Gen.int(in: 0...14).map { edges[$0] }
 
     @Test func noSequenceOfCallsTrapsOrBreaksTheModel() async {
-        let call = PropertyBased.zip(Gen.int(in: 0...31), Gen.int(in: -1...12), Self.number, Self.number, Gen.uint32(in: 0...255))
+        let call = PropertyBased.zip(Gen.int(in: 0...32), Gen.int(in: -1...12), Self.number, Self.number, Gen.uint32(in: 0...255))
         await propertyCheck(count: 300, input: call.array(of: 1...60)) { calls in
             let b = ModelBackend()
             // Both binding-ownership policies, chosen by the first call.
@@ -184,7 +184,7 @@ struct PropertyTests {
                 case 12: _ = try? b.preFaultMemory(vcpu: fd, gpa: x, size: y % (1 << 24), flags: 0)
                 case 13: _ = try? b.close(fd)
                 case 14: _ = try? b.memoryFailure(fd: fd, offset: x)
-                case 15: _ = try? b.memfdCreate(size: x % (1 << 24))
+                case 15: _ = try? b.memfdCreate(size: x % (1 << 24), secret: small % 2 == 0)
                 case 16: _ = try? b.pwrite(fd, bytes, offset: x % (1 << 22))
                 case 17: _ = try? b.ftruncate(fd, size: x % (1 << 24))
                 case 18: _ = try? b.lseek(fd, offset: Int64(bitPattern: x), whence: Int32(small % 5))
@@ -217,6 +217,8 @@ struct PropertyTests {
                     }
                 case 30:
                     if let d = domains.last { _ = try? b.iommuUnmap(domain: d, iova: x % (1 << 24), length: 4096 * UInt64(small % 8)) }
+                case 32:
+                    if let m = maps.last { _ = try? b.mprotect(address: m.address, length: y % (1 << 22), prot: Protection(rawValue: small % 8)) }
                 case 31:
                     if let d = domains.last { _ = try? b.dma(domain: d, iova: x % (1 << 24), write: small % 2 == 0 ? bytes : nil, count: UInt64(bytes.count)) }
                 default: _ = try? b.checkExtension(on: fdRaw < 0 ? nil : fd, Capability.allCases[Int(small) % Capability.allCases.count])

@@ -98,6 +98,9 @@ int ckvm_open_rdwr(const char *path);
 int ckvm_close(int fd);
 /// memfd_create(name, MFD_CLOEXEC) then ftruncate(size); the fd, or -errno.
 int ckvm_memfd_create(const char *name, uint64_t size);
+/// memfd_secret(2) (raw syscall: glibc has no wrapper) then ftruncate(size); the fd,
+/// or -errno (ENOSYS where secretmem is off).
+int ckvm_memfd_secret(uint64_t size);
 /// fallocate(2) with 64-bit offset and length passed unchanged; 0 or -errno.
 int ckvm_fallocate(int fd, int mode, uint64_t offset, uint64_t length);
 /// ftruncate(2); 0 or -errno.
@@ -121,6 +124,8 @@ int ckvm_fstat(int fd, struct ckvm_stat *out);
 
 /// mmap(2); the address, or (void *)-errno cast through intptr_t.
 intptr_t ckvm_mmap(void *addr, uint64_t length, int prot, int flags, int fd, uint64_t offset);
+/// mprotect(2); 0 or -errno.
+int ckvm_mprotect(uint64_t addr, uint64_t length, int prot);
 /// munmap(2); 0 or -errno.
 int ckvm_munmap(uint64_t addr, uint64_t length);
 

@@ -104,6 +104,10 @@ extension Kernel {
         if length == 0 || overflow || address & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
         var pfns: [UInt64] = []
         for vpn in (address >> UAPI.pageShift)..<((end + UAPI.pageSize - 1) >> UAPI.pageShift) {
+            if isOutsideDirectMap(vpn) {
+                for pfn in pfns { unpinFrame(pfn) }
+                throw .EFAULT
+            }
             do {
                 let pfn = try hostFault(vpn: vpn, write: true)
                 phys.get(pfn)
@@ -129,7 +133,7 @@ extension Kernel {
         if length == 0 || overflow || address & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
         var pfns: [UInt64] = []
         for vpn in (address >> UAPI.pageShift)..<((end + UAPI.pageSize - 1) >> UAPI.pageShift) {
-            guard let pte = mm.ptes[vpn] else {
+            guard let pte = mm.ptes[vpn], !isOutsideDirectMap(vpn) else {
                 for pfn in pfns { phys.put(pfn) }
                 throw .EFAULT
             }
@@ -145,6 +149,13 @@ extension Kernel {
     public mutating func dropSpeculativeRefs(_ id: UInt64) throws(Errno) {
         guard let r = speculativeRefs.removeValue(forKey: id) else { throw .EINVAL }
         for pfn in r.pfns { phys.put(pfn) }
+    }
+
+    /// check_vma_flags(): secretmem (and NO_DIRECT_MAP guest_memfd) pages are not in
+    /// the direct map, so GUP, slow or fast, refuses them.
+    func isOutsideDirectMap(_ vpn: UInt64) -> Bool {
+        guard let vma = mm.vmas.value(at: vpn), case .file(_, .shmem(let ino)) = vma.backing else { return false }
+        return shmemInodes[ino]!.secret
     }
 
     /// unpin_user_pages().

@@ -355,3 +355,36 @@ extension Kernel {
         for (_, fileID) in fileVMAs { putFile(fileID) }
     }
 }
+
+extension Kernel {
+    /// mprotect(2): changes the protection of [address, address + length). Removing
+    /// write access write-protects the PTEs (secondary MMUs are told first); adding
+    /// exec to a mapping of a noexec mount's file (guest_memfd) is EACCES; any page
+    /// without a VMA is ENOMEM.
+    public mutating func mprotect(address: UInt64, length: UInt64, prot: Protection) throws(Errno) {
+        if address & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
+        let (end, overflow) = address.addingReportingOverflow(length)
+        if overflow || end > UAPI.TASK_SIZE_MAX { throw .ENOMEM }
+        let range = (address >> UAPI.pageShift)..<((end + UAPI.pageSize - 1) >> UAPI.pageShift)
+        guard !range.isEmpty else { return }
+        var runs: [(Range<UInt64>, VMA)] = []
+        var hole = false
+        mm.vmas.forEachRun(in: range) { r, vma in
+            if let vma { runs.append((r, vma)) } else { hole = true }
+            return !hole
+        }
+        if hole { throw .ENOMEM }
+        for (_, vma) in runs {
+            if prot.contains(.exec), case .file(_, .guestMemfd) = vma.backing { throw .EACCES }
+        }
+        if !prot.contains(.write) {
+            mmuNotifierInvalidate(pid: currentPID, range)
+            for vpn in presentKeys(of: mm.ptes, in: range) { mm.ptes[vpn]!.writable = false }
+        }
+        for (r, vma) in runs {
+            var v = vma
+            v.prot = prot
+            mm.vmas.set(r, to: v)
+        }
+    }
+}

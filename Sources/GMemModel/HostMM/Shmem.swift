@@ -5,14 +5,16 @@ struct ShmemInode: Hashable {
     var size: UInt64
     var pages: [UInt64: UInt64] = [:]
     var refs = 1
+    /// secretmem: not in the kernel's direct map, so GUP refuses it (EFAULT).
+    var secret = false
 }
 
 extension Kernel {
     /// memfd_create(2) + ftruncate(2).
-    public mutating func memfdCreate(size: UInt64) throws(Errno) -> Int32 {
+    public mutating func memfdCreate(size: UInt64, secret: Bool = false) throws(Errno) -> Int32 {
         if Int64(bitPattern: size) < 0 { throw .EINVAL }
         let ino = newID()
-        shmemInodes[ino] = ShmemInode(size: size)
+        shmemInodes[ino] = ShmemInode(size: size, secret: secret)
         return installFD(.memfd(inode: ino))
     }
 

@@ -41,6 +41,8 @@ extension Kernel {
             // A write to a read-only slot is emulated (KVM_PFN_ERR_RO_FAULT).
             if write && slot.isReadonly { throw .emulate(gfn: gfn) }
             let vpn = (slot.userspaceAddr >> UAPI.pageShift) + (gfn - slot.baseGfn)
+            // KVM reaches userspace_addr with GUP, which secretmem refuses.
+            if isOutsideDirectMap(vpn) { throw .failed(.EFAULT) }
             do {
                 pfn = try hostFault(vpn: vpn, write: write)
             } catch {
