@@ -181,6 +181,10 @@ public struct Violation: Hashable, Sendable, CustomStringConvertible {
         case coherence
         /// A binding, mapping or pin outlives what it refers to.
         case lifetime
+        /// A page leaving private state kept its contents where they must be zeroed.
+        case noLeak = "no_leak"
+        /// An operation that preserves contents lost or changed them.
+        case noLoss = "no_loss"
     }
     public var invariant: Invariant
     public var page: String

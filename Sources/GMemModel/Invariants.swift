@@ -15,6 +15,12 @@ public enum Mutant: String, CaseIterable, Hashable, Sendable {
     case iommuMapWithoutOwnershipCheck = "iommu-map-without-ownership-check"
     /// pKVM donates a page to a guest without taking it out of the host's stage-2.
     case pkvmDonateKeepsHostAccess = "pkvm-donate-keeps-host-access"
+    /// SNP/TDX-like in-place conversion keeps the contents instead of zeroing them.
+    case lossyConversionWithoutZeroing = "lossy-conversion-without-zeroing"
+    /// pKVM hands a reclaimed guest page back without scrubbing it.
+    case pkvmReclaimWithoutScrub = "pkvm-reclaim-without-scrub"
+    /// Deleting a memslot punches the file range it bound.
+    case unbindDiscards = "unbind-discards"
     /// fork shares pinned pages copy-on-write and COW decides by page_count: the
     /// pinning process's next write moves it off the page its device still sees.
     case cowIgnoresPins = "cow-ignores-pins"

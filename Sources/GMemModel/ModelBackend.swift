@@ -6,9 +6,24 @@ public final class ModelBackend: Backend {
     /// The whole simulated system; a copy is a snapshot.
     public var kernel: Kernel
 
-    public init(config: ModelConfig = .mainline) {
+    /// Check no-leak and no-loss across every call (an O(1) snapshot before, a walk
+    /// of the faulted pages after). Off by default: benchmarks drive millions of calls.
+    public var checkTransitions = false
+    private var transitionViolations: [Violation] = []
+
+    public init(config: ModelConfig = .mainline, checkTransitions: Bool = false) {
         kernel = Kernel(config: config)
         kernel.pkvm.keepHostAccessOnDonate = config.mutants.contains(.pkvmDonateKeepsHostAccess)
+        kernel.pkvm.reclaimWithoutScrub = config.mutants.contains(.pkvmReclaimWithoutScrub)
+        self.checkTransitions = checkTransitions
+    }
+
+    /// Runs `body`, checking the transition invariants around it when asked to.
+    private func tracked<T>(_ effect: ContentEffect, _ body: () throws(BackendError) -> T) throws(BackendError) -> T {
+        guard checkTransitions else { return try body() }
+        let before = kernel
+        defer { transitionViolations += Kernel.transitionViolations(before: before, after: kernel, effect: effect) }
+        return try body()
     }
 
     public func missing(_ feature: Feature) -> String? {
@@ -30,11 +45,13 @@ public final class ModelBackend: Backend {
     }
 
     @inline(__always)
-    private func run<T>(_ body: (inout Kernel) throws(Errno) -> T) throws(BackendError) -> T {
-        do {
-            return try body(&kernel)
-        } catch {
-            throw .errno(error)
+    private func run<T>(_ effect: ContentEffect = .preserving, _ body: (inout Kernel) throws(Errno) -> T) throws(BackendError) -> T {
+        try tracked(effect) { () throws(BackendError) in
+            do throws(Errno) {
+                return try body(&kernel)
+            } catch {
+                throw .errno(error)
+            }
         }
     }
 
@@ -68,22 +85,22 @@ public final class ModelBackend: Backend {
         try run { k throws(Errno) in try k.read(fd.raw, count: count) }
     }
     public func write(_ fd: FD, _ bytes: [UInt8]) throws(BackendError) -> UInt64 {
-        try run { k throws(Errno) in try k.write(fd.raw, bytes) }
+        try run(.writes) { k throws(Errno) in try k.write(fd.raw, bytes) }
     }
     public func pread(_ fd: FD, count: UInt64, offset: UInt64) throws(BackendError) -> [UInt8] {
         try run { k throws(Errno) in try k.pread(fd.raw, count: count, offset: offset) }
     }
     public func pwrite(_ fd: FD, _ bytes: [UInt8], offset: UInt64) throws(BackendError) -> UInt64 {
-        try run { k throws(Errno) in try k.pwrite(fd.raw, bytes, offset: offset) }
+        try run(.writes) { k throws(Errno) in try k.pwrite(fd.raw, bytes, offset: offset) }
     }
     public func lseek(_ fd: FD, offset: Int64, whence: Int32) throws(BackendError) -> UInt64 {
         try run { k throws(Errno) in try k.lseek(fd.raw, offset: offset, whence: whence) }
     }
     public func ftruncate(_ fd: FD, size: UInt64) throws(BackendError) {
-        try run { k throws(Errno) in try k.ftruncate(fd.raw, size: size) }
+        try run(.destructive) { k throws(Errno) in try k.ftruncate(fd.raw, size: size) }
     }
     public func fallocate(_ fd: FD, mode: UInt32, offset: UInt64, length: UInt64) throws(BackendError) {
-        try run { k throws(Errno) in try k.fallocate(fd.raw, mode: mode, offset: offset, length: length) }
+        try run(.destructive) { k throws(Errno) in try k.fallocate(fd.raw, mode: mode, offset: offset, length: length) }
     }
     public func mmap(fd: FD?, offset: UInt64, length: UInt64, prot: Protection, shared: Bool) throws(BackendError)
         -> Mapping
@@ -98,10 +115,10 @@ public final class ModelBackend: Backend {
         try run { k throws(Errno) in try k.munmap(mapping) }
     }
     public func hostWrite(address: UInt64, bytes: [UInt8]) throws(BackendError) -> HostAccess {
-        kernel.hostAccess(address: address, count: UInt64(bytes.count), write: bytes)
+        try run(.writes) { k in k.hostAccess(address: address, count: UInt64(bytes.count), write: bytes) }
     }
     public func hostRead(address: UInt64, count: UInt64) throws(BackendError) -> HostAccess {
-        kernel.hostAccess(address: address, count: count, write: nil)
+        try run { k in k.hostAccess(address: address, count: count, write: nil) }
     }
     public func setUserMemoryRegion2(vm: FD, _ region: UserMemoryRegion2) throws(BackendError) {
         try run { k throws(Errno) in try k.setUserMemoryRegion2(vm: vm.raw, region) }
@@ -121,7 +138,8 @@ public final class ModelBackend: Backend {
             // default and sw_protected VMs take private/shared from the attributes.
             throw .unsupported("this platform decides private/shared from memory attributes; `private` needs a platform with a shared-GPA bit (snp, tdx)")
         }
-        return try run { k throws(Errno) in try k.guestAccess(vcpu: vcpu.raw, access) }
+        let effect: ContentEffect = if case .write = access.kind { .writes } else { .preserving }
+        return try run(effect) { k throws(Errno) in try k.guestAccess(vcpu: vcpu.raw, access) }
     }
     public func preFaultMemory(vcpu: FD, gpa: UInt64, size: UInt64, flags: UInt64) throws(BackendError)
         -> (gpa: UInt64, size: UInt64)
@@ -170,7 +188,7 @@ public final class ModelBackend: Backend {
     public func setGuestMemfdAttributes(fd: FD, offset: UInt64, size: UInt64, attributes: UInt64, flags: UInt64)
         throws(BackendError) -> ConversionOutcome
     {
-        kernel.setGuestMemfdAttributes(fd.raw, offset: offset, size: size, attributes: attributes, flags: flags)
+        try run { k in k.setGuestMemfdAttributes(fd.raw, offset: offset, size: size, attributes: attributes, flags: flags) }
     }
 
     public func pin(address: UInt64, length: UInt64, longterm: Bool) throws(BackendError) -> PinHandle {
@@ -226,7 +244,7 @@ public final class ModelBackend: Backend {
     }
 
     public func dma(domain: PinHandle, iova: UInt64, write: [UInt8]?, count: UInt64) throws(BackendError) -> [UInt8] {
-        try run { k throws(Errno) in try k.dma(domain: domain.id, iova: iova, write: write, count: count) }
+        try run(write == nil ? .preserving : .writes) { k throws(Errno) in try k.dma(domain: domain.id, iova: iova, write: write, count: count) }
     }
 
     public func pkvmCreateGuest(protected: Bool) throws(BackendError) -> PinHandle {
@@ -238,7 +256,7 @@ public final class ModelBackend: Backend {
     }
 
     public func pkvmAccess(page: UInt64, guest: PinHandle?, gfn: UInt64, write: UInt8?) throws(BackendError) -> UInt8 {
-        try run { k throws(Errno) in
+        try run(write == nil ? .preserving : .writes) { k throws(Errno) in
             if let guest { return try k.pkvm.guestAccess(guest.id, gfn: gfn, write: write) }
             return try k.pkvm.hostAccess(page, write: write)
         }
@@ -252,11 +270,14 @@ public final class ModelBackend: Backend {
         return out
     }
 
+    /// The state invariants now, and the transition invariants broken since the last
+    /// report.
     public func checkInvariants() throws(BackendError) -> [Violation] {
-        kernel.checkSystemInvariants()
+        defer { transitionViolations = [] }
+        return transitionViolations + kernel.checkSystemInvariants()
     }
 
     public func memoryFailure(fd: FD, offset: UInt64) throws(BackendError) {
-        try run { k throws(Errno) in try k.memoryFailure(fd.raw, offset: offset) }
+        try run(.destructive) { k throws(Errno) in try k.memoryFailure(fd.raw, offset: offset) }
     }
 }

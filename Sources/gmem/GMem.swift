@@ -55,14 +55,14 @@ struct BackendOptions: ParsableArguments {
         case .model:
             var config = modelConfig.config
             config.mutants = Set(mutants)
-            let r = ScenarioRunner(backend: ModelBackend(config: config))
+            let r = ScenarioRunner(backend: ModelBackend(config: config, checkTransitions: true))
             return Executor(name: "model") { r.run($0, report: $1) }
         case .kernel:
             let r = ScenarioRunner(backend: try kernelBackend())
             return Executor(name: "kernel") { r.run($0, report: $1) }
         case .both:
             let kernel = try kernelBackend()
-            let model = ModelBackend(config: modelConfigMatching(kernel))
+            let model = ModelBackend(config: modelConfigMatching(kernel), checkTransitions: true)
             let d = DifferentialRunner(model, kernel)
             return Executor(name: d.name) { d.run($0, report: $1) }
         }

@@ -17,7 +17,7 @@ struct KernelBackendTests {
     static func matchingModel(_ k: KernelBackend) -> ModelBackend {
         var c = ModelConfig.mainline
         (c.supportedVMTypes, c.memoryAttributesIoctl, c.tdp) = k.hostProfile
-        return ModelBackend(config: c)
+        return ModelBackend(config: c, checkTransitions: true)
     }
 
     @Test(arguments: ScenarioTests.corpus)

@@ -46,13 +46,13 @@ struct ScenarioTests {
     func everyScenarioPassesOnTheModel(_ path: String) throws {
         let text = try #require(readFile(path))
         let scenario = try ScenarioParser.parse(text: text, file: path)
-        let model = ModelBackend()
+        let model = ModelBackend(checkTransitions: true)
         let runner = ScenarioRunner(backend: model)
         var failures: [String] = []
         let summary = runner.run(scenario) { r in
             if r.status != .passed { failures.append("step \(r.index) \(r.op): \(r.status) \(r.message ?? "")") }
-            // The shipped model never breaks an invariant, after any step.
-            for v in model.kernel.checkSystemInvariants() { failures.append("after step \(r.index) \(r.op): \(v)") }
+            // The shipped model never breaks an invariant, at or across any step.
+            for v in (try? model.checkInvariants()) ?? [] { failures.append("after step \(r.index) \(r.op): \(v)") }
             model.kernel.checkInvariants()
         }
         #expect(failures.isEmpty, "\(failures.joined(separator: "\n"))")
@@ -97,7 +97,7 @@ struct ScenarioTests {
         var config = ModelConfig.mainline
         config.mutants = [mutant]
         var caught: [String] = []
-        _ = ScenarioRunner(backend: ModelBackend(config: config)).run(scenario) { r in
+        _ = ScenarioRunner(backend: ModelBackend(config: config, checkTransitions: true)).run(scenario) { r in
             if r.op == "check_invariants", r.status == .failed { caught.append(r.message ?? "") }
         }
         #expect(!caught.isEmpty, "\(mutant.rawValue) went unnoticed")

@@ -58,7 +58,7 @@ extension Kernel {
         gmemInodes[ino]!.privatePages.set(range, to: toPrivate)
         counters.conversionsDone += 1
         // On TDX/SNP-like platforms the page is re-keyed: its old contents are gone.
-        if let vm = gmemFiles[fds[fd]!]?.vm, vms[vm]!.type.conversionIsLossy {
+        if let vm = gmemFiles[fds[fd]!]?.vm, vms[vm]!.type.conversionIsLossy, !config.mutants.contains(.lossyConversionWithoutZeroing) {
             for pgoff in presentKeys(of: gmemInodes[ino]!.folios, in: range) { phys.zero(gmemInodes[ino]!.folios[pgoff]!) }
         }
         return ConversionOutcome(errno: nil, errorOffset: 0)

@@ -23,6 +23,8 @@ public struct PKVM: Hashable, Sendable {
     var nextGuest: UInt64 = 1
     /// The mutant pkvm-donate-keeps-host-access.
     var keepHostAccessOnDonate = false
+    /// The mutant pkvm-reclaim-without-scrub.
+    var reclaimWithoutScrub = false
 
     public init(pages: UInt64) { self.pages = pages }
 
@@ -113,7 +115,7 @@ public struct PKVM: Hashable, Sendable {
             let g = try guest(a)
             guard let pte = guests[g]!.pte[a.gfn], pte.page == p else { throw .ENOENT }
             try require(pte.state == .owned || pte.state == .sharedOwned)
-            if !pte.poisoned { contents[p] = nil }
+            if !pte.poisoned && !reclaimWithoutScrub { contents[p] = nil }
             guests[g]!.pte[a.gfn] = nil
             host[p] = nil
         case .hostForceReclaimPageGuest:

@@ -158,6 +158,7 @@ extension Kernel {
         unmapMemslot(vm: vm, slot)
         if let g = slot.gmem, g.fileAlive {
             gmemFiles[g.file]!.bindings.set(g.pgoff..<g.pgoff + slot.npages, to: nil)
+            if config.mutants.contains(.unbindDiscards) { truncateGmemPages(gmemFiles[g.file]!.inode, g.pgoff..<g.pgoff + slot.npages) }
             if config.bindingOwnership == .memslotHoldsFile { putFile(g.file) }
         }
     }
