@@ -237,6 +237,10 @@ public enum IOMMUModel: String, CaseIterable, Hashable, Sendable {
     /// Nested translation: the device's stage-1 maps IOVA to GPA, and its stage-2
     /// mirrors the VM's CPU stage-2 for shared memory; DMA to a private gfn faults.
     case nested
+    /// Shared virtual addressing: the device walks the binding process's page tables
+    /// (IOVA = virtual address) and caches translations in its IOTLB, which the
+    /// process's MMU notifier invalidates, as it does KVM's stage-2.
+    case sva
 }
 
 /// Who holds whom between a guest_memfd file and its VM: a policy per run.

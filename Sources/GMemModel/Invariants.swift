@@ -21,6 +21,8 @@ public enum Mutant: String, CaseIterable, Hashable, Sendable {
     case pkvmReclaimWithoutScrub = "pkvm-reclaim-without-scrub"
     /// Deleting a memslot punches the file range it bound.
     case unbindDiscards = "unbind-discards"
+    /// SVA IOTLBs are not told about page-table changes (no MMU notifier).
+    case svaIgnoresNotifier = "sva-ignores-notifier"
     /// fork shares pinned pages copy-on-write and COW decides by page_count: the
     /// pinning process's next write moves it off the page its device still sees.
     case cowIgnoresPins = "cow-ignores-pins"
@@ -113,6 +115,18 @@ extension Kernel {
                 if now != e.pfn {
                     out.append(Violation(invariant: .coherence, page: "guest_memfd inode \(g.inode) offset 0x\(String(g.pgoff << 12, radix: 16))",
                         parties: [party], detail: now.map { "the file now holds pfn 0x\(String($0, radix: 16))" } ?? "the file holds no page there"))
+                }
+            }
+        }
+
+        // Coherence of SVA IOTLBs: a cached translation is what the process maps now.
+        for (domainID, d) in iommuDomains.sorted(by: { $0.key < $1.key }) where d.model == .sva {
+            for (vpn, e) in d.entries.sorted(by: { $0.key < $1.key }) {
+                let now = d.pid.flatMap { processes[$0]?.mm.ptes[vpn]?.pfn }
+                if now != e.pfn {
+                    out.append(Violation(invariant: .coherence, page: "process \(d.pid ?? 0) address 0x\(String(vpn << 12, radix: 16))",
+                        parties: ["SVA IOTLB of domain \(domainID) -> pfn 0x\(String(e.pfn, radix: 16))"],
+                        detail: now.map { "the process now maps pfn 0x\(String($0, radix: 16))" } ?? "the process no longer maps it"))
                 }
             }
         }

@@ -220,6 +220,7 @@ public final class ModelBackend: Backend {
     }
 
     public func createIOMMUDomain(_ model: IOMMUModel, vm: FD?) throws(BackendError) -> PinHandle {
+        // (an SVA domain binds the calling process)
         PinHandle(id: try run { k throws(Errno) in try k.createIOMMUDomain(model, vm: vm?.raw) })
     }
 

@@ -82,20 +82,22 @@ public enum PolicyComparison {
 
             // The VMM maps the shared pages for the device.
             let domain = try b.createIOMMUDomain(iommu, vm: iommu == .nested ? vm : nil)
-            let mapped: Bool
+            // SVA devices use the VMM's own virtual addresses; the others map at IOVA 0.
+            let iova: UInt64 = iommu == .sva ? hva.address : 0
+            var mapped = false
             do {
                 switch iommu {
                 case .vfio: try b.iommuMap(domain: domain, iova: 0, address: hva.address, fd: nil, offset: 0, length: shared * page)
                 case .hypervisor: try b.iommuMap(domain: domain, iova: 0, address: nil, fd: gmem, offset: 0, length: shared * page)
                 case .nested: try b.iommuMap(domain: domain, iova: 0, address: nil, fd: nil, offset: base, length: shared * page)
+                case .sva: break  // nothing to map: the device walks the process's page tables
                 }
-                mapped = true
+                mapped = iommu != .sva
             } catch {
                 row.iommuMapsRefused += 1
-                mapped = false
             }
             do {
-                _ = try b.dma(domain: domain, iova: 0, write: [UInt8](repeating: 0xdd, count: Int(shared * page)), count: shared * page)
+                _ = try b.dma(domain: domain, iova: iova, write: [UInt8](repeating: 0xdd, count: Int(shared * page)), count: shared * page)
             } catch {
                 row.dmaFaults += 1
             }
@@ -112,7 +114,7 @@ public enum PolicyComparison {
             // ...then in the safe order: unmap before to-private.
             try? convert(b, vm: vm, gmem: gmem, conversion: conversion, toPrivate: true)
             do {
-                _ = try b.dma(domain: domain, iova: 0, write: nil, count: 1)
+                _ = try b.dma(domain: domain, iova: iova, write: nil, count: 1)
             } catch {
                 row.dmaFaults += 1
             }

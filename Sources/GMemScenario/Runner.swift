@@ -306,11 +306,13 @@ public final class ScenarioRunner {
                 try b.iommuUnmap(domain: d, iova: iova, length: length)
                 return Observation(result: .ok)
             }
-        case .dmaRead(let dname, let iova, let count):
+        case .dmaRead(let dname, let iovaRef, let count):
             let d = try domain(dname)
+            let iova = try address(iovaRef)
             return try call { () throws(BackendError) in Self.bytesRead(try b.dma(domain: d, iova: iova, write: nil, count: count)) }
-        case .dmaWrite(let dname, let iova, let bytes):
+        case .dmaWrite(let dname, let iovaRef, let bytes):
             let d = try domain(dname)
+            let iova = try address(iovaRef)
             return try call { () throws(BackendError) in
                 _ = try b.dma(domain: d, iova: iova, write: bytes, count: UInt64(bytes.count))
                 return Observation(result: .ok)

@@ -381,7 +381,7 @@ struct StepReader {
             return .pkvmState(page: try number("page"), guest: try guestName(), gfn: try optionalNumber("gfn") ?? 0)
         case "iommu_domain":
             guard let m = try string("model"), let model = IOMMUModel(rawValue: m) else {
-                throw fail("model", "expected \"vfio\", \"hypervisor\" or \"nested\"")
+                throw fail("model", "expected \"vfio\", \"hypervisor\", \"nested\" or \"sva\"")
             }
             let vm = try optionalRef("vm")
             if (model == .nested) != (vm != nil) { throw fail("vm", "a nested domain needs \"vm\"; the others take none") }
@@ -402,9 +402,11 @@ struct StepReader {
         case "iommu_unmap":
             return .iommuUnmap(domain: try domainName(), iova: try number("iova"), length: try number("len"))
         case "dma_read":
-            return .dmaRead(domain: try domainName(), iova: try number("iova"), count: try number("len"))
+            guard let iova = try addressRef("iova") else { throw fail("iova", "missing") }
+            return .dmaRead(domain: try domainName(), iova: iova, count: try number("len"))
         case "dma_write":
-            return .dmaWrite(domain: try domainName(), iova: try number("iova"), try bytes("bytes"))
+            guard let iova = try addressRef("iova") else { throw fail("iova", "missing") }
+            return .dmaWrite(domain: try domainName(), iova: iova, try bytes("bytes"))
         case "gup_fast":
             return .gupFast(map: try mapName("map"), offset: try optionalNumber("offset") ?? 0, length: try number("len"))
         case "gup_fast_drop":
@@ -487,6 +489,25 @@ struct StepReader {
         return vm
     }
 
+    /// A host address: a number, a mapping name, or {"map", "offset"}.
+    mutating func addressRef(_ key: String) throws(ScenarioError) -> AddressRef? {
+        guard let j = raw(key) else { return nil }
+        switch j {
+        case .object(let o):
+            guard case .string(let m)? = o["map"], names[m] == .map else {
+                throw fail(key, "expected {\"map\": <mapping name>, \"offset\": <number>}")
+            }
+            return .map(m, offset: o["offset"].flatMap { NumberSyntax.parse($0) } ?? 0)
+        case .string(let s) where names[s] == .map:
+            return .map(s, offset: 0)
+        default:
+            guard let n = NumberSyntax.parse(j) else {
+                throw fail(key, "expected a number, a mapping name, or {\"map\", \"offset\"}")
+            }
+            return .absolute(n)
+        }
+    }
+
     mutating func readRegion(version2: Bool) throws(ScenarioError) -> Op {
         let vm = try ref("vm")
         let id = try number32("slot")
@@ -494,24 +515,7 @@ struct StepReader {
         guard id <= 0xffff, asID <= 0xffff else { throw fail(id > 0xffff ? "slot" : "as_id", "must fit in 16 bits") }
         let flags = try flags("flags", ScenarioParser.slotFlags)
         guard flags <= UInt64(UInt32.max) else { throw fail("flags", "does not fit in 32 bits") }
-        var uaddr = AddressRef.absolute(0)
-        if let j = raw("userspace_addr") {
-            switch j {
-            case .object(let o):
-                guard case .string(let m)? = o["map"], names[m] == .map else {
-                    throw fail("userspace_addr", "expected {\"map\": <mapping name>, \"offset\": <number>}")
-                }
-                let off = o["offset"].flatMap { NumberSyntax.parse($0) } ?? 0
-                uaddr = .map(m, offset: off)
-            case .string(let s) where names[s] == .map:
-                uaddr = .map(s, offset: 0)
-            default:
-                guard let n = NumberSyntax.parse(j) else {
-                    throw fail("userspace_addr", "expected 0, a number, a mapping name, or {\"map\", \"offset\"}")
-                }
-                uaddr = .absolute(n)
-            }
-        }
+        let uaddr = try addressRef("userspace_addr") ?? .absolute(0)
         var gmem: Ref?
         var offset: UInt64 = 0
         if version2 {

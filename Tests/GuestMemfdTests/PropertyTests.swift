@@ -209,7 +209,7 @@ struct PropertyTests {
                 case 27:
                     if let r = refs.popLast() { _ = try? b.dropSpeculativeReferences(r) }
                 case 28:
-                    if let d = try? b.createIOMMUDomain([.vfio, .hypervisor, .nested][Int(small % 3)], vm: small % 3 == 2 ? fd : nil) { domains.append(d) }
+                    if let d = try? b.createIOMMUDomain([.vfio, .hypervisor, .nested, .sva][Int(small % 4)], vm: small % 4 == 2 ? fd : nil) { domains.append(d) }
                 case 29:
                     if let d = domains.last {
                         _ = try? b.iommuMap(domain: d, iova: x % (1 << 24), address: small % 2 == 0 ? maps.last?.address : nil,

@@ -23,6 +23,8 @@ struct IOMMUDomain: Hashable {
     let model: IOMMUModel
     /// Nested: the VM whose stage-2 the device's stage-2 mirrors.
     var vm: UInt64?
+    /// SVA: the process whose page tables the device walks (its entries are the IOTLB).
+    var pid: UInt32?
     /// IOVA page -> entry.
     var entries: [UInt64: IOMMUEntry] = [:]
 }
@@ -36,8 +38,19 @@ extension Kernel {
             vm = try vmFD(fd)
         }
         let id = newID()
-        iommuDomains[id] = IOMMUDomain(model: model, vm: vm)
+        iommuDomains[id] = IOMMUDomain(model: model, vm: vm, pid: model == .sva ? currentPID : nil)
         return id
+    }
+
+    /// The MMU notifier's invalidate_range_start reaching SVA IOTLBs bound to `pid`.
+    mutating func iotlbInvalidate(pid: UInt32, _ vpns: Range<UInt64>) {
+        guard !config.mutants.contains(.svaIgnoresNotifier) else { return }
+        for id in iommuDomains.keys where iommuDomains[id]!.model == .sva && iommuDomains[id]!.pid == pid {
+            for vpn in presentKeys(of: iommuDomains[id]!.entries, in: vpns) {
+                iommuDomains[id]!.entries[vpn] = nil
+                counters.iommuEntriesZapped += 1
+            }
+        }
     }
 
     /// Nested translation, stage-1: maps [iova, iova + length) to GPAs from `gpa`.
@@ -127,6 +140,22 @@ extension Kernel {
         if iova.addingReportingOverflow(count).overflow { throw .EFAULT }
         var out: [UInt8] = []
         for c in PageChunks(start: iova, count: count) {
+            if iommuDomains[domain]!.model == .sva && iommuDomains[domain]!.entries[c.page] == nil {
+                // IOTLB miss: walk the process's page tables, faulting the page in as a
+                // page request would (PRI); what the CPU could not touch, the device cannot.
+                let pid = iommuDomains[domain]!.pid!
+                guard processes[pid] != nil else { throw .EFAULT }
+                if isOutsideDirectMapIn(pid: pid, c.page) { throw .EFAULT }
+                let saved = currentPID
+                currentPID = pid
+                defer { currentPID = saved }
+                do {
+                    let pfn = try hostFault(vpn: c.page, write: bytes != nil)
+                    iommuDomains[domain]!.entries[c.page] = IOMMUEntry(pfn: pfn)
+                } catch {
+                    throw .EFAULT
+                }
+            }
             guard var e = iommuDomains[domain]!.entries[c.page] else { throw .EFAULT }
             if let gfn = e.gfn, let vm = iommuDomains[domain]!.vm {
                 // Stage-2 for devices maps shared memory only, as the CPU's does for

@@ -153,8 +153,10 @@ extension Kernel {
 
     /// check_vma_flags(): secretmem (and NO_DIRECT_MAP guest_memfd) pages are not in
     /// the direct map, so GUP, slow or fast, refuses them.
-    func isOutsideDirectMap(_ vpn: UInt64) -> Bool {
-        guard let vma = mm.vmas.value(at: vpn), case .file(_, .shmem(let ino)) = vma.backing else { return false }
+    func isOutsideDirectMap(_ vpn: UInt64) -> Bool { isOutsideDirectMapIn(pid: currentPID, vpn) }
+
+    func isOutsideDirectMapIn(pid: UInt32, _ vpn: UInt64) -> Bool {
+        guard let vma = processes[pid]?.mm.vmas.value(at: vpn), case .file(_, .shmem(let ino)) = vma.backing else { return false }
         return shmemInodes[ino]!.secret
     }
 

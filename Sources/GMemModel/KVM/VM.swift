@@ -178,6 +178,7 @@ extension Kernel {
     /// by that process zaps the shared SPTEs that map host virtual pages `vpns`
     /// through a memslot's userspace_addr.
     mutating func mmuNotifierInvalidate(pid: UInt32, _ vpns: Range<UInt64>) {
+        iotlbInvalidate(pid: pid, vpns)
         for id in vms.keys where vms[id]!.mmPID == pid {
             var zaps: [Range<UInt64>] = []
             for (_, s) in vms[id]!.memslots where !s.gmemOnly {
