@@ -63,8 +63,8 @@ int ckvm_open_rdwr(const char *path) { return (int)result_or_errno(open(path, O_
 
 int ckvm_close(int fd) { return (int)result_or_errno(close(fd)); }
 
-int ckvm_memfd_create(const char *name, uint64_t size) {
-    int fd = memfd_create(name, MFD_CLOEXEC);
+/// Gives a new file descriptor its size, or closes it: the fd, or -errno.
+static int sized_or_closed(int fd, uint64_t size) {
     if (fd < 0) return -errno;
     if (ftruncate(fd, (off_t)size) < 0) {
         int e = errno;
@@ -74,19 +74,16 @@ int ckvm_memfd_create(const char *name, uint64_t size) {
     return fd;
 }
 
+int ckvm_memfd_create(const char *name, uint64_t size) {
+    return sized_or_closed(memfd_create(name, MFD_CLOEXEC), size);
+}
+
 int ckvm_memfd_secret(uint64_t size) {
 #ifdef SYS_memfd_secret
-    int fd = (int)syscall(SYS_memfd_secret, O_CLOEXEC);
+    return sized_or_closed((int)syscall(SYS_memfd_secret, O_CLOEXEC), size);
 #else
-    int fd = (int)syscall(447, O_CLOEXEC);
+    return sized_or_closed((int)syscall(447, O_CLOEXEC), size);
 #endif
-    if (fd < 0) return -errno;
-    if (ftruncate(fd, (off_t)size) < 0) {
-        int e = errno;
-        close(fd);
-        return -e;
-    }
-    return fd;
 }
 
 int ckvm_fallocate(int fd, int mode, uint64_t offset, uint64_t length) {
