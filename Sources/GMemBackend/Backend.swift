@@ -224,6 +224,8 @@ public enum Feature: String, CaseIterable, Sendable {
     case pkvm = "pkvm"
     /// SNP- and TDX-like VM types: accesses carry private/shared, conversion is lossy.
     case cocoPlatforms = "coco_platforms"
+    /// GUEST_MEMFD_FLAG_NO_DIRECT_MAP (the in-flight series).
+    case noDirectMap = "no_direct_map"
 }
 
 /// How a device's IOMMU is managed: a policy per domain.

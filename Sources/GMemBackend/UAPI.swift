@@ -7,6 +7,8 @@ public enum UAPI {
     // KVM_CREATE_GUEST_MEMFD flags.
     public static let GUEST_MEMFD_FLAG_MMAP: UInt64 = 1 << 0
     public static let GUEST_MEMFD_FLAG_INIT_SHARED: UInt64 = 1 << 1
+    /// The in-flight NO_DIRECT_MAP series: pages leave the kernel's direct map.
+    public static let GUEST_MEMFD_FLAG_NO_DIRECT_MAP: UInt64 = 1 << 2
 
     // kvm_userspace_memory_region2.flags.
     public static let KVM_MEM_LOG_DIRTY_PAGES: UInt32 = 1 << 0

@@ -115,6 +115,9 @@ public final class KernelBackend: Backend {
             return "IOMMU domains and device DMA run on the model (no VFIO device here)"
         case .pkvm:
             return "no pKVM on this host (an x86 kvm-pvm guest); the ownership state machine runs on the model"
+        case .noDirectMap:
+            return capability(.guestMemfdFlags) & UAPI.GUEST_MEMFD_FLAG_NO_DIRECT_MAP == 0
+                ? "KVM_CAP_GUEST_MEMFD_FLAGS lacks NO_DIRECT_MAP on this kernel" : nil
         case .cocoPlatforms:
             return capability(.vmTypes) & 0b11_0000 == 0b11_0000 ? nil : "KVM_CAP_VM_TYPES lacks SNP and TDX VMs on this host"
         }

@@ -20,6 +20,16 @@ public struct ModelConfig: Hashable, Sendable {
     public var mutants: Set<Mutant> = []
     /// Who holds whom between guest_memfd files and VMs.
     public var bindingOwnership: BindingOwnership = .fileHoldsVM
+    /// GUEST_MEMFD_FLAG_NO_DIRECT_MAP is offered (not in 6.18: see `.next`).
+    public var noDirectMap = false
+
+    /// Mainline plus the in-flight series this model implements beyond it
+    /// (NO_DIRECT_MAP).
+    public static let next: ModelConfig = {
+        var c = ModelConfig.mainline
+        c.noDirectMap = true
+        return c
+    }()
 
     /// Mainline x86-64 (6.18 guest_memfd semantics) with TDP and
     /// CONFIG_KVM_SW_PROTECTED_VM: `default` and `sw_protected` VMs, and the model's

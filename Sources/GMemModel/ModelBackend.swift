@@ -37,6 +37,8 @@ public final class ModelBackend: Backend {
             return c.tdp ? nil : "the modelled host uses shadow paging: no KVM_PRE_FAULT_MEMORY (--model-config)"
         case .memoryFailure, .pins, .processes, .iommu, .pkvm:
             return nil
+        case .noDirectMap:
+            return c.noDirectMap ? nil : "the modelled host has no NO_DIRECT_MAP guest_memfd (6.18 lacks it; --model-config next)"
         case .cocoPlatforms:
             return c.supportedVMTypes & 0b11_0000 == 0b11_0000 ? nil : "the modelled host has no snp/tdx VM types (--model-config)"
         case .inPlaceConversion:

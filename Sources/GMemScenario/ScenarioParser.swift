@@ -5,7 +5,10 @@ import GMemBackend
 public enum ScenarioParser {
     static let commonFields: Set<String> = ["op", "as", "process", "expect", "expect_value", "expect_bytes", "expect_exit", "comment"]
 
-    static let gmemFlags: [String: UInt64] = ["mmap": UAPI.GUEST_MEMFD_FLAG_MMAP, "init_shared": UAPI.GUEST_MEMFD_FLAG_INIT_SHARED]
+    static let gmemFlags: [String: UInt64] = [
+        "mmap": UAPI.GUEST_MEMFD_FLAG_MMAP, "init_shared": UAPI.GUEST_MEMFD_FLAG_INIT_SHARED,
+        "no_direct_map": UAPI.GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+    ]
     static let slotFlags: [String: UInt64] = [
         "log_dirty_pages": UInt64(UAPI.KVM_MEM_LOG_DIRTY_PAGES), "readonly": UInt64(UAPI.KVM_MEM_READONLY),
         "guest_memfd": UInt64(UAPI.KVM_MEM_GUEST_MEMFD),

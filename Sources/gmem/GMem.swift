@@ -23,11 +23,13 @@ enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
 
 enum ModelProfile: String, ExpressibleByArgument, CaseIterable {
     case mainline
+    case next
     case pvmHost = "pvm-host"
 
     var config: ModelConfig {
         switch self {
         case .mainline: .mainline
+        case .next: .next
         case .pvmHost: .pvmHost
         }
     }
@@ -37,7 +39,7 @@ struct BackendOptions: ParsableArguments {
     @Option(help: "Where steps run: model, kernel, or both (compared).")
     var backend: BackendChoice = .model
 
-    @Option(name: .customLong("model-config"), help: "What the model's host offers: mainline (x86, TDP, sw_protected VMs) or pvm-host (this project's hosts).")
+    @Option(name: .customLong("model-config"), help: "What the model's host offers: mainline (x86 6.18, TDP, sw_protected VMs), next (mainline plus NO_DIRECT_MAP) or pvm-host (this project's hosts).")
     var modelConfig: ModelProfile = .mainline
 
     @Option(name: .customLong("mutant"), help: "Run the model with a deliberate bug (\(Mutant.allCases.map(\.rawValue).joined(separator: ", "))); repeatable.")

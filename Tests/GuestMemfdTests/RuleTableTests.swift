@@ -197,6 +197,16 @@ struct RuleTableTests {
         #expect(try k.checkExtension(on: fd, cap) == value)
     }
 
+    @Test func noDirectMapIsOfferedOnlyByTheNextProfile() throws {
+        var k = Kernel()
+        let vm = try k.createVM(type: 0)
+        #expect(errnoOf { () throws(Errno) in try k.createGuestMemfd(on: vm, size: 4096, flags: UAPI.GUEST_MEMFD_FLAG_NO_DIRECT_MAP) } == .EINVAL)
+        var n = Kernel(config: .next)
+        let vm2 = try n.createVM(type: 0)
+        #expect(try n.checkExtension(on: vm2, .guestMemfdFlags) == 7)
+        _ = try n.createGuestMemfd(on: vm2, size: 4096, flags: 7)
+    }
+
     @Test func pvmHostProfileMatchesTheProbe() throws {
         var k = Kernel(config: .pvmHost)
         #expect(errnoOf { () throws(Errno) in try k.createVM(type: 1) } == .EINVAL)

@@ -46,7 +46,8 @@ struct ScenarioTests {
     func everyScenarioPassesOnTheModel(_ path: String) throws {
         let text = try #require(readFile(path))
         let scenario = try ScenarioParser.parse(text: text, file: path)
-        let model = ModelBackend(checkTransitions: true)
+        // Scenarios of the in-flight series run on the profile that has it.
+        let model = ModelBackend(config: scenario.requires.contains(.noDirectMap) ? .next : .mainline, checkTransitions: true)
         let runner = ScenarioRunner(backend: model)
         var failures: [String] = []
         let summary = runner.run(scenario) { r in

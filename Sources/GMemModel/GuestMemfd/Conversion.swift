@@ -156,8 +156,11 @@ extension Kernel {
     func isOutsideDirectMap(_ vpn: UInt64) -> Bool { isOutsideDirectMapIn(pid: currentPID, vpn) }
 
     func isOutsideDirectMapIn(pid: UInt32, _ vpn: UInt64) -> Bool {
-        guard let vma = processes[pid]?.mm.vmas.value(at: vpn), case .file(_, .shmem(let ino)) = vma.backing else { return false }
-        return shmemInodes[ino]!.secret
+        guard let vma = processes[pid]?.mm.vmas.value(at: vpn), case .file(_, let object) = vma.backing else { return false }
+        switch object {
+        case .shmem(let ino): return shmemInodes[ino]!.secret
+        case .guestMemfd(let ino): return gmemInodes[ino]!.noDirectMap
+        }
     }
 
     /// unpin_user_pages().

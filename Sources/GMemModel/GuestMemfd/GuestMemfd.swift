@@ -31,6 +31,8 @@ struct GmemInode: Hashable {
 
     var pages: UInt64 { size >> UAPI.pageShift }
     var supportsMmap: Bool { flags & UAPI.GUEST_MEMFD_FLAG_MMAP != 0 }
+    /// AS_NO_DIRECT_MAP: GUP refuses the file's pages, shared or not.
+    var noDirectMap: Bool { flags & UAPI.GUEST_MEMFD_FLAG_NO_DIRECT_MAP != 0 }
     var initShared: Bool { flags & UAPI.GUEST_MEMFD_FLAG_INIT_SHARED != 0 }
 
     /// Whether the host may map page `pgoff`: per page with in-place conversion,
@@ -62,7 +64,7 @@ extension Kernel {
     /// kvm_gmem_get_supported_flags(): MMAP always; INIT_SHARED unless the VM
     /// has private memory (x86 mainline), and always when asked of /dev/kvm.
     func gmemSupportedFlags(vm: UInt64?) -> UInt64 {
-        var flags = UAPI.GUEST_MEMFD_FLAG_MMAP
+        var flags = UAPI.GUEST_MEMFD_FLAG_MMAP | (config.noDirectMap ? UAPI.GUEST_MEMFD_FLAG_NO_DIRECT_MAP : 0)
         // x86: INIT_SHARED when in-place conversion is on or the VM has no private memory.
         if let vm, vms[vm]!.type.hasPrivateMemory, vms[vm]!.conversion == .attributes {
             return flags
