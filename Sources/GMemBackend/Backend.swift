@@ -166,8 +166,9 @@ public struct ConversionOutcome: Hashable, Sendable {
     }
 }
 
-/// A GUP pin held by the backend's process.
-public struct PinHandle: Hashable, Sendable {
+/// Something a backend made and a later call refers to: a GUP pin, a GUP-fast
+/// reference, an IOMMU domain, a pKVM guest.
+public struct ObjectHandle: Hashable, Sendable {
     public var id: UInt64
     public init(id: UInt64) { self.id = id }
 }
@@ -340,13 +341,13 @@ public protocol Backend: AnyObject {
     func setGuestMemfdAttributes(fd: FD, offset: UInt64, size: UInt64, attributes: UInt64, flags: UInt64)
         throws(BackendError) -> ConversionOutcome
     /// pin_user_pages() on [address, address + length) of this process.
-    func pin(address: UInt64, length: UInt64, longterm: Bool) throws(BackendError) -> PinHandle
+    func pin(address: UInt64, length: UInt64, longterm: Bool) throws(BackendError) -> ObjectHandle
     /// unpin_user_pages().
-    func unpin(_ pin: PinHandle) throws(BackendError)
+    func unpin(_ pin: ObjectHandle) throws(BackendError)
     /// GUP-fast's lockless walk: a speculative reference on each mapped page, held
     /// until `dropSpeculativeReferences` (the recheck).
-    func gupFastReference(address: UInt64, length: UInt64) throws(BackendError) -> PinHandle
-    func dropSpeculativeReferences(_ handle: PinHandle) throws(BackendError)
+    func gupFastReference(address: UInt64, length: UInt64) throws(BackendError) -> ObjectHandle
+    func dropSpeculativeReferences(_ handle: ObjectHandle) throws(BackendError)
     /// fork(2) of the current process.
     func fork() throws(BackendError) -> ProcessHandle
     /// The process that issues the calls that follow.
@@ -354,24 +355,24 @@ public protocol Backend: AnyObject {
     /// exit(2) of `process` (not the VMM).
     func exitProcess(_ process: ProcessHandle) throws(BackendError)
     /// Creates an IOMMU domain managed by `model` (nested: for the VM `vm`).
-    func createIOMMUDomain(_ model: IOMMUModel, vm: FD?) throws(BackendError) -> PinHandle
+    func createIOMMUDomain(_ model: IOMMUModel, vm: FD?) throws(BackendError) -> ObjectHandle
     /// Maps host memory (VFIO: `address` in this process), guest_memfd memory
     /// (hypervisor: `fd`, `offset`) or guest physical memory (nested: `offset` is
     /// the GPA) at `iova`.
-    func iommuMap(domain: PinHandle, iova: UInt64, address: UInt64?, fd: FD?, offset: UInt64, length: UInt64)
+    func iommuMap(domain: ObjectHandle, iova: UInt64, address: UInt64?, fd: FD?, offset: UInt64, length: UInt64)
         throws(BackendError)
-    func iommuUnmap(domain: PinHandle, iova: UInt64, length: UInt64) throws(BackendError)
+    func iommuUnmap(domain: ObjectHandle, iova: UInt64, length: UInt64) throws(BackendError)
     /// A device's DMA through the domain: the bytes read, or empty for a write.
-    func dma(domain: PinHandle, iova: UInt64, write: [UInt8]?, count: UInt64) throws(BackendError) -> [UInt8]
+    func dma(domain: ObjectHandle, iova: UInt64, write: [UInt8]?, count: UInt64) throws(BackendError) -> [UInt8]
     /// A pKVM guest (protected: memory by donation; else by sharing).
-    func pkvmCreateGuest(protected: Bool) throws(BackendError) -> PinHandle
+    func pkvmCreateGuest(protected: Bool) throws(BackendError) -> ObjectHandle
     /// One pKVM hypercall on the ownership state machine.
     func pkvmCall(_ call: PKVMCall, _ args: PKVMArgs) throws(BackendError)
     /// A host access to pKVM page `page` (guest nil) or a guest access at `gfn`;
     /// returns the page's byte after the access.
-    func pkvmAccess(page: UInt64, guest: PinHandle?, gfn: UInt64, write: UInt8?) throws(BackendError) -> UInt8
+    func pkvmAccess(page: UInt64, guest: ObjectHandle?, gfn: UInt64, write: UInt8?) throws(BackendError) -> UInt8
     /// The page's state as the host, the hypervisor and (if given) a guest see it.
-    func pkvmState(page: UInt64, guest: PinHandle?, gfn: UInt64) throws(BackendError) -> [String: PageState]
+    func pkvmState(page: UInt64, guest: ObjectHandle?, gfn: UInt64) throws(BackendError) -> [String: PageState]
     /// The invariants (isolation, coherence, lifetime) over the whole system now.
     /// Only a backend that can see all the state can answer.
     func checkInvariants() throws(BackendError) -> [Violation]

@@ -602,19 +602,19 @@ public final class KernelBackend: Backend {
         return ConversionOutcome(errno: r < 0 ? Errno(rawValue: Int32(-r)) : nil, errorOffset: a.error_offset)
     }
 
-    public func pin(address: UInt64, length: UInt64, longterm: Bool) throws(BackendError) -> PinHandle {
+    public func pin(address: UInt64, length: UInt64, longterm: Bool) throws(BackendError) -> ObjectHandle {
         throw .unsupported(missing(.pins)!)
     }
 
-    public func unpin(_ pin: PinHandle) throws(BackendError) {
+    public func unpin(_ pin: ObjectHandle) throws(BackendError) {
         throw .unsupported(missing(.pins)!)
     }
 
-    public func gupFastReference(address: UInt64, length: UInt64) throws(BackendError) -> PinHandle {
+    public func gupFastReference(address: UInt64, length: UInt64) throws(BackendError) -> ObjectHandle {
         throw .unsupported(missing(.pins)!)
     }
 
-    public func dropSpeculativeReferences(_ handle: PinHandle) throws(BackendError) {
+    public func dropSpeculativeReferences(_ handle: ObjectHandle) throws(BackendError) {
         throw .unsupported(missing(.pins)!)
     }
 
@@ -630,30 +630,30 @@ public final class KernelBackend: Backend {
         throw .unsupported(missing(.processes)!)
     }
 
-    public func createIOMMUDomain(_ model: IOMMUModel, vm: FD?) throws(BackendError) -> PinHandle {
+    public func createIOMMUDomain(_ model: IOMMUModel, vm: FD?) throws(BackendError) -> ObjectHandle {
         throw .unsupported(missing(.iommu)!)
     }
 
-    public func iommuMap(domain: PinHandle, iova: UInt64, address: UInt64?, fd: FD?, offset: UInt64, length: UInt64)
+    public func iommuMap(domain: ObjectHandle, iova: UInt64, address: UInt64?, fd: FD?, offset: UInt64, length: UInt64)
         throws(BackendError)
     {
         throw .unsupported(missing(.iommu)!)
     }
 
-    public func iommuUnmap(domain: PinHandle, iova: UInt64, length: UInt64) throws(BackendError) {
+    public func iommuUnmap(domain: ObjectHandle, iova: UInt64, length: UInt64) throws(BackendError) {
         throw .unsupported(missing(.iommu)!)
     }
 
-    public func dma(domain: PinHandle, iova: UInt64, write: [UInt8]?, count: UInt64) throws(BackendError) -> [UInt8] {
+    public func dma(domain: ObjectHandle, iova: UInt64, write: [UInt8]?, count: UInt64) throws(BackendError) -> [UInt8] {
         throw .unsupported(missing(.iommu)!)
     }
 
-    public func pkvmCreateGuest(protected: Bool) throws(BackendError) -> PinHandle { throw .unsupported(missing(.pkvm)!) }
+    public func pkvmCreateGuest(protected: Bool) throws(BackendError) -> ObjectHandle { throw .unsupported(missing(.pkvm)!) }
     public func pkvmCall(_ call: PKVMCall, _ args: PKVMArgs) throws(BackendError) { throw .unsupported(missing(.pkvm)!) }
-    public func pkvmAccess(page: UInt64, guest: PinHandle?, gfn: UInt64, write: UInt8?) throws(BackendError) -> UInt8 {
+    public func pkvmAccess(page: UInt64, guest: ObjectHandle?, gfn: UInt64, write: UInt8?) throws(BackendError) -> UInt8 {
         throw .unsupported(missing(.pkvm)!)
     }
-    public func pkvmState(page: UInt64, guest: PinHandle?, gfn: UInt64) throws(BackendError) -> [String: PageState] {
+    public func pkvmState(page: UInt64, guest: ObjectHandle?, gfn: UInt64) throws(BackendError) -> [String: PageState] {
         throw .unsupported(missing(.pkvm)!)
     }
 

@@ -193,19 +193,19 @@ public final class ModelBackend: Backend {
         try run { k in k.setGuestMemfdAttributes(fd.raw, offset: offset, size: size, attributes: attributes, flags: flags) }
     }
 
-    public func pin(address: UInt64, length: UInt64, longterm: Bool) throws(BackendError) -> PinHandle {
-        PinHandle(id: try run { k throws(Errno) in try k.pin(address: address, length: length, longterm: longterm) })
+    public func pin(address: UInt64, length: UInt64, longterm: Bool) throws(BackendError) -> ObjectHandle {
+        ObjectHandle(id: try run { k throws(Errno) in try k.pin(address: address, length: length, longterm: longterm) })
     }
 
-    public func unpin(_ pin: PinHandle) throws(BackendError) {
+    public func unpin(_ pin: ObjectHandle) throws(BackendError) {
         try run { k throws(Errno) in try k.unpin(pin.id) }
     }
 
-    public func gupFastReference(address: UInt64, length: UInt64) throws(BackendError) -> PinHandle {
-        PinHandle(id: try run { k throws(Errno) in try k.gupFastReference(address: address, length: length) })
+    public func gupFastReference(address: UInt64, length: UInt64) throws(BackendError) -> ObjectHandle {
+        ObjectHandle(id: try run { k throws(Errno) in try k.gupFastReference(address: address, length: length) })
     }
 
-    public func dropSpeculativeReferences(_ handle: PinHandle) throws(BackendError) {
+    public func dropSpeculativeReferences(_ handle: ObjectHandle) throws(BackendError) {
         try run { k throws(Errno) in try k.dropSpeculativeRefs(handle.id) }
     }
 
@@ -221,12 +221,12 @@ public final class ModelBackend: Backend {
         try run { k throws(Errno) in try k.exitProcess(process.pid) }
     }
 
-    public func createIOMMUDomain(_ model: IOMMUModel, vm: FD?) throws(BackendError) -> PinHandle {
+    public func createIOMMUDomain(_ model: IOMMUModel, vm: FD?) throws(BackendError) -> ObjectHandle {
         // (an SVA domain binds the calling process)
-        PinHandle(id: try run { k throws(Errno) in try k.createIOMMUDomain(model, vm: vm?.raw) })
+        ObjectHandle(id: try run { k throws(Errno) in try k.createIOMMUDomain(model, vm: vm?.raw) })
     }
 
-    public func iommuMap(domain: PinHandle, iova: UInt64, address: UInt64?, fd: FD?, offset: UInt64, length: UInt64)
+    public func iommuMap(domain: ObjectHandle, iova: UInt64, address: UInt64?, fd: FD?, offset: UInt64, length: UInt64)
         throws(BackendError)
     {
         try run { k throws(Errno) in
@@ -242,30 +242,30 @@ public final class ModelBackend: Backend {
         }
     }
 
-    public func iommuUnmap(domain: PinHandle, iova: UInt64, length: UInt64) throws(BackendError) {
+    public func iommuUnmap(domain: ObjectHandle, iova: UInt64, length: UInt64) throws(BackendError) {
         try run { k throws(Errno) in try k.iommuUnmap(domain: domain.id, iova: iova, length: length) }
     }
 
-    public func dma(domain: PinHandle, iova: UInt64, write: [UInt8]?, count: UInt64) throws(BackendError) -> [UInt8] {
+    public func dma(domain: ObjectHandle, iova: UInt64, write: [UInt8]?, count: UInt64) throws(BackendError) -> [UInt8] {
         try run(write == nil ? .preserving : .writes) { k throws(Errno) in try k.dma(domain: domain.id, iova: iova, write: write, count: count) }
     }
 
-    public func pkvmCreateGuest(protected: Bool) throws(BackendError) -> PinHandle {
-        PinHandle(id: kernel.pkvm.createGuest(protected: protected))
+    public func pkvmCreateGuest(protected: Bool) throws(BackendError) -> ObjectHandle {
+        ObjectHandle(id: kernel.pkvm.createGuest(protected: protected))
     }
 
     public func pkvmCall(_ call: PKVMCall, _ args: PKVMArgs) throws(BackendError) {
         try run { k throws(Errno) in try k.pkvm.perform(call, args) }
     }
 
-    public func pkvmAccess(page: UInt64, guest: PinHandle?, gfn: UInt64, write: UInt8?) throws(BackendError) -> UInt8 {
+    public func pkvmAccess(page: UInt64, guest: ObjectHandle?, gfn: UInt64, write: UInt8?) throws(BackendError) -> UInt8 {
         try run(write == nil ? .preserving : .writes) { k throws(Errno) in
             if let guest { return try k.pkvm.guestAccess(guest.id, gfn: gfn, write: write) }
             return try k.pkvm.hostAccess(page, write: write)
         }
     }
 
-    public func pkvmState(page: UInt64, guest: PinHandle?, gfn: UInt64) throws(BackendError) -> [String: PageState] {
+    public func pkvmState(page: UInt64, guest: ObjectHandle?, gfn: UInt64) throws(BackendError) -> [String: PageState] {
         let p = kernel.pkvm
         if page >= p.pages { throw .errno(.EINVAL) }
         var out = ["host": p.hostState(page), "hyp": p.hypState(page)]

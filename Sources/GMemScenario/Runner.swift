@@ -57,10 +57,10 @@ public final class ScenarioRunner {
     private var fds: [String: FD] = [:]
     private var vcpuNames: Set<String> = []
     private var maps: [String: Mapping] = [:]
-    private var pins: [String: PinHandle] = [:]
-    private var refs: [String: PinHandle] = [:]
-    private var domains: [String: PinHandle] = [:]
-    private var guests: [String: PinHandle] = [:]
+    private var pins: [String: ObjectHandle] = [:]
+    private var refs: [String: ObjectHandle] = [:]
+    private var domains: [String: ObjectHandle] = [:]
+    private var guests: [String: ObjectHandle] = [:]
     private var processes: [String: ProcessHandle] = [:]
     /// The process the backend is issuing calls as.
     private var current = ProcessHandle.vmm
@@ -143,12 +143,12 @@ public final class ScenarioRunner {
         }
     }
 
-    func pkvmGuest(_ name: String) throws(Skip) -> PinHandle {
+    func pkvmGuest(_ name: String) throws(Skip) -> ObjectHandle {
         if let g = guests[name] { return g }
         throw Skip(reason: missing[name].map { "pKVM guest '\(name)' was not created (step \($0))" } ?? "no pKVM guest '\(name)'")
     }
 
-    func domain(_ name: String) throws(Skip) -> PinHandle {
+    func domain(_ name: String) throws(Skip) -> ObjectHandle {
         if let d = domains[name] { return d }
         throw Skip(reason: missing[name].map { "IOMMU domain '\(name)' was not created (step \($0))" } ?? "no IOMMU domain '\(name)'")
     }

@@ -150,9 +150,9 @@ struct PropertyTests {
             // Both binding-ownership policies, chosen by the first call.
             try? b.setBindingOwnership(calls.first.map { $0.4 % 2 == 0 } == true ? .memslotHoldsFile : .fileHoldsVM)
             var maps: [Mapping] = []
-            var pins: [PinHandle] = []
-            var refs: [PinHandle] = []
-            var domains: [PinHandle] = []
+            var pins: [ObjectHandle] = []
+            var refs: [ObjectHandle] = []
+            var domains: [ObjectHandle] = []
             for (op, fdRaw, x, y, small) in calls {
                 let fd = FD(Int32(fdRaw))
                 let bytes = [UInt8](repeating: UInt8(truncatingIfNeeded: small), count: Int(small % 9))
