@@ -30,6 +30,8 @@ let package = Package(
         .target(name: "GMemBackend", swiftSettings: swift6),
         .target(name: "GMemModel", dependencies: ["GMemBackend"], swiftSettings: swift6),
         .target(name: "GMemScenario", dependencies: ["GMemBackend"], swiftSettings: swift6),
+        // The VMM side: conversion management over any backend.
+        .target(name: "GMemVMM", dependencies: ["GMemBackend", "GMemModel"], swiftSettings: swift6),
         // Linux only: ioctl numbers, uapi structs, variadic calls and signal-safe probes in C,
         // and the kernel backend in Swift over them.
         .target(name: "CKVM", cSettings: [.define("_GNU_SOURCE")]),
@@ -47,7 +49,7 @@ let package = Package(
         .testTarget(
             name: "GuestMemfdTests",
             dependencies: [
-                "GMemBackend", "GMemModel", "GMemScenario", "GMemKernel",
+                "GMemBackend", "GMemModel", "GMemScenario", "GMemKernel", "GMemVMM",
                 .target(name: "CKVM", condition: .when(platforms: [.linux])),
                 .product(name: "PropertyBased", package: "swift-property-based"),
             ],
