@@ -1,4 +1,5 @@
 import GMemBackend
+import GMemVMM
 
 /// What a step did, before it is compared with what it expected.
 public struct Observation: Hashable, Sendable {
@@ -61,6 +62,8 @@ public final class ScenarioRunner {
     private var refs: [String: ObjectHandle] = [:]
     private var domains: [String: ObjectHandle] = [:]
     private var guests: [String: ObjectHandle] = [:]
+    /// The VMM side per VM (by the VM's name): its manager and request handler.
+    private var vmms: [Ref: GuestRequestHandler] = [:]
     private var processes: [String: ProcessHandle] = [:]
     /// The process the backend is issuing calls as.
     private var current = ProcessHandle.vmm
@@ -468,14 +471,50 @@ public final class ScenarioRunner {
                 try b.enableCap(vm: v, cap, arg)
                 return Observation(result: .ok)
             }
-        case .guestProgram(let ref, let program, let doorbellResult):
+        case .vmmManage(let vm, let policy, let regionRefs, let initiallyPrivate):
+            let v = try fd(vm)
+            var regions: [ManagedRegion] = []
+            for r in regionRefs {
+                regions.append(ManagedRegion(gpa: r.gpa, size: r.size, gmem: try fd(r.guestMemfd), gmemOffset: r.offset,
+                                             sharedBacking: try r.sharedBacking.map { x throws(Skip) in try fd(x) }))
+            }
+            vmms[vm] = GuestRequestHandler(manager: ConversionManager(
+                backend: b, vm: v, policy: policy, regions: regions, initiallyPrivate: initiallyPrivate))
+            return Observation(result: .ok)
+        case .vmmConvert(let vm, let gpa, let size, let toPrivate):
+            guard let h = vmms[vm] else { throw Skip(reason: "no vmm_manage for this VM") }
+            do {
+                try h.manager.convert(gpa: gpa, size: size, toPrivate: toPrivate)
+                return Observation(result: .ok)
+            } catch {
+                return Observation(result: .errno(error.errno), value: .object(JSONObject([
+                    "gpa": .int(error.gpa), "stage": .string(error.stage.rawValue), "who": .string(error.who),
+                ])))
+            }
+        case .vmmListener(let vm, let dname, let mapName, let gpaBase):
+            guard let h = vmms[vm] else { throw Skip(reason: "no vmm_manage for this VM") }
+            let d = try domain(dname)
+            let m = try mapping(mapName)
+            do {
+                try h.manager.register(IOMMUListener(name: dname, backend: b, domain: d, hostAddress: m.address, gpaBase: gpaBase))
+                return Observation(result: .ok)
+            } catch {
+                return Observation(result: .errno(error.errno))
+            }
+        case .guestProgram(let ref, let program, let doorbellResult, let vmm):
             let v: FD
             switch try vcpu(ref) {
             case .success(let fd): v = fd
             case .failure(let e): return Observation(result: .errno(e))
             }
+            var handler: GuestRequestHandler?
+            if vmm {
+                // The VMM of the VM the step names (a vCPU step names its VM's manager by the vCPU's VM name).
+                guard let h = vmms[ref] ?? vmms.values.first else { throw Skip(reason: "\"vmm\": true needs vmm_manage first") }
+                handler = h
+            }
             return try call { () throws(BackendError) in
-                let result = try b.runGuestProgram(vcpu: v, program) { _ in doorbellResult }
+                let result = try b.runGuestProgram(vcpu: v, program) { r in handler?.handle(r) ?? doorbellResult }
                 var o = Observation(result: .ok, value: .object(JSONObject(["events": .array(result.events.map(Self.render))])))
                 switch result.end {
                 case .completed: break

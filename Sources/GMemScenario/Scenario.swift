@@ -13,6 +13,15 @@ public enum Ref: Hashable, Sendable, CustomStringConvertible {
     }
 }
 
+/// A region for `vmm_manage`, names unresolved.
+public struct RegionRef: Hashable, Sendable {
+    public var gpa: UInt64
+    public var size: UInt64
+    public var guestMemfd: Ref
+    public var offset: UInt64
+    public var sharedBacking: Ref?
+}
+
 /// A host address given as a number or as a mapping plus an offset.
 public enum AddressRef: Hashable, Sendable {
     case absolute(UInt64)
@@ -58,8 +67,12 @@ public enum Op: Hashable, Sendable {
     case preFaultMemory(vcpu: Ref, gpa: UInt64, size: UInt64, flags: UInt64)
     case memoryFailure(Ref, offset: UInt64)
     case enableCap(vm: Ref, cap: Capability, arg: UInt64)
-    case guestProgram(vcpu: Ref, GuestProgram, doorbellResult: UInt64)
+    /// `vmm`: the VMM's manager for this VM answers the program's requests.
+    case guestProgram(vcpu: Ref, GuestProgram, doorbellResult: UInt64, vmm: Bool)
     case checkInvariants
+    case vmmManage(vm: Ref, policy: ConversionPolicy, regions: [RegionRef], initiallyPrivate: Bool)
+    case vmmConvert(vm: Ref, gpa: UInt64, size: UInt64, toPrivate: Bool)
+    case vmmListener(vm: Ref, domain: String, map: String, gpaBase: UInt64)
     case fork
     case exitProcess
     case gupFast(map: String, offset: UInt64, length: UInt64)

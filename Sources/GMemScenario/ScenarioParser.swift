@@ -358,9 +358,47 @@ struct StepReader {
             }
             var ops: [GuestProgram.Op] = []
             for (i, item) in items.enumerated() { ops.append(try guestOp(item, index: i)) }
-            return .guestProgram(vcpu: vcpu, GuestProgram(ops), doorbellResult: try optionalNumber("doorbell_result") ?? 0)
+            let vmm = try bool("vmm") ?? false
+            if vmm && obj["doorbell_result"] != nil { throw fail("doorbell_result", "with \"vmm\": true the VMM's manager answers") }
+            return .guestProgram(vcpu: vcpu, GuestProgram(ops), doorbellResult: try optionalNumber("doorbell_result") ?? 0, vmm: vmm)
         case "check_invariants":
             return .checkInvariants
+        case "vmm_manage":
+            let vm = try ref("vm")
+            guard let p = try string("policy"), let policy = ConversionPolicy(rawValue: p) else {
+                throw fail("policy", "expected \"attributes\" or \"in_place\"")
+            }
+            guard case .array(let items)? = raw("regions"), !items.isEmpty else { throw fail("regions", "expected a non-empty list") }
+            var regions: [RegionRef] = []
+            for (i, item) in items.enumerated() {
+                guard case .object(let o) = item else { throw fail("regions[\(i)]", "expected an object") }
+                for k in o.keys where !["gpa", "size", "guest_memfd", "offset", "shared_backing"].contains(k) {
+                    throw fail("regions[\(i)].\(k)", "unknown field (expected gpa, size, guest_memfd, offset, shared_backing)")
+                }
+                func num(_ k: String) throws(ScenarioError) -> UInt64? {
+                    guard let j = o[k] else { return nil }
+                    guard let v = NumberSyntax.parse(j) else { throw fail("regions[\(i)].\(k)", "expected a number") }
+                    return v
+                }
+                func fdName(_ k: String) throws(ScenarioError) -> Ref? {
+                    guard let j = o[k] else { return nil }
+                    guard case .string(let n) = j, names[n] == .fd else { throw fail("regions[\(i)].\(k)", "expected an fd name") }
+                    return .name(n)
+                }
+                guard let gpa = try num("gpa"), let size = try num("size"), let g = try fdName("guest_memfd") else {
+                    throw fail("regions[\(i)]", "needs gpa, size and guest_memfd")
+                }
+                regions.append(RegionRef(gpa: gpa, size: size, guestMemfd: g, offset: try num("offset") ?? 0, sharedBacking: try fdName("shared_backing")))
+            }
+            let initially = try string("initially") ?? "private"
+            guard initially == "private" || initially == "shared" else { throw fail("initially", "expected \"private\" or \"shared\"") }
+            return .vmmManage(vm: vm, policy: policy, regions: regions, initiallyPrivate: initially == "private")
+        case "vmm_convert":
+            let vm = try ref("vm")
+            guard let to = try string("to"), to == "private" || to == "shared" else { throw fail("to", "expected \"private\" or \"shared\"") }
+            return .vmmConvert(vm: vm, gpa: try number("gpa"), size: try number("size"), toPrivate: to == "private")
+        case "vmm_listener":
+            return .vmmListener(vm: try ref("vm"), domain: try domainName(), map: try mapName("map"), gpaBase: try number("gpa"))
         case "fork":
             return .fork
         case "exit_process":

@@ -1,0 +1,77 @@
+import GMemBackend
+
+/// Answers a guest's conversion requests (port-I/O doorbell, KVM_HC_MAP_GPA_RANGE,
+/// memory-fault exits) through a ConversionManager. Whatever the guest asks, the VMM
+/// answers with a number in RAX and carries on: 0 for done, or -errno.
+public final class GuestRequestHandler {
+    public let manager: ConversionManager
+    /// Each request, what the guest was told, and the manager's error if any.
+    public private(set) var log: [(request: ConversionRequest, result: UInt64, error: ConversionError?)] = []
+    /// A guest may not ask for more than this at once (TDX's MapGPA is chunked at 2 MiB
+    /// by the kernel; a VMM bounds the work one exit can make it do).
+    public var maxPagesPerRequest: UInt64 = 1 << 18
+
+    public init(manager: ConversionManager) {
+        self.manager = manager
+    }
+
+    /// -errno as the guest sees it in RAX.
+    public static func code(_ e: Errno) -> UInt64 { UInt64(bitPattern: -Int64(e.rawValue)) }
+
+    public func handle(_ r: ConversionRequest) -> UInt64 {
+        var error: ConversionError?
+        let result: UInt64
+        // As KVM validates KVM_HC_MAP_GPA_RANGE: aligned gpa, npages > 0, no wrap.
+        let (size, overflow) = r.npages.multipliedReportingOverflow(by: 4096)
+        if r.gpa % 4096 != 0 || r.npages == 0 || overflow || r.gpa.addingReportingOverflow(size).overflow {
+            result = Self.code(.EINVAL)
+        } else if r.npages > maxPagesPerRequest {
+            result = Self.code(.E2BIG)
+        } else {
+            do {
+                try manager.convert(gpa: r.gpa, size: size, toPrivate: r.toPrivate)
+                result = 0
+            } catch let e {
+                error = e
+                result = Self.code(e.errno)
+            }
+        }
+        log.append((r, result, error))
+        return result
+    }
+}
+
+/// A device behind an IOMMU domain that maps guest memory while it is shared: what
+/// QEMU's VFIO RamDiscardListener does. IOVA = guest physical address.
+public final class IOMMUListener: ConversionListener {
+    public let name: String
+    let backend: any Backend
+    let domain: ObjectHandle
+    /// The host mapping of the region (the shared side) and the gpa it starts at.
+    let hostAddress: UInt64
+    let gpaBase: UInt64
+
+    public init(name: String, backend: any Backend, domain: ObjectHandle, hostAddress: UInt64, gpaBase: UInt64) {
+        self.name = name
+        self.backend = backend
+        self.domain = domain
+        self.hostAddress = hostAddress
+        self.gpaBase = gpaBase
+    }
+
+    public func willMakePrivate(gpa: UInt64, size: UInt64) throws(ConversionError) {
+        do {
+            try backend.iommuUnmap(domain: domain, iova: gpa, length: size)
+        } catch {
+            throw ConversionError(errno: ConversionManager.errno(error), gpa: gpa, stage: .listener, who: name)
+        }
+    }
+
+    public func didMakeShared(gpa: UInt64, size: UInt64) throws(ConversionError) {
+        do {
+            try backend.iommuMap(domain: domain, iova: gpa, address: hostAddress + (gpa - gpaBase), fd: nil, offset: 0, length: size)
+        } catch {
+            throw ConversionError(errno: ConversionManager.errno(error), gpa: gpa, stage: .listener, who: name)
+        }
+    }
+}
