@@ -10,11 +10,11 @@ struct GMem: ParsableCommand {
         commandName: "gmem",
         abstract: "Linux KVM guest_memfd, executable in user space.",
         discussion: """
-            With no subcommand, gmem runs the bundled tour: a guided set of scenarios that
-            show what guest_memfd does, on the model.
+            With no subcommand, gmem runs the demo: a confidential VM's I/O life end to end,
+            on the model and, where /dev/kvm opens, on the real kernel.
             """,
-        subcommands: [Tour.self, Run.self, Probe.self, Compare.self],
-        defaultSubcommand: Tour.self)
+        subcommands: [Demo.self, Tour.self, Run.self, Probe.self, Compare.self],
+        defaultSubcommand: Demo.self)
 }
 
 enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
