@@ -15,7 +15,13 @@ public struct GuestProgram: Hashable, Sendable {
     }
 
     public var ops: [Op]
-    public init(_ ops: [Op]) { self.ops = ops }
+    /// The privilege the program runs at: 3 (user, the default: what runs natively
+    /// everywhere) or 0 (kernel: where KVM forwards hypercalls).
+    public var cpl: Int
+    public init(_ ops: [Op], cpl: Int = 3) {
+        self.ops = ops
+        self.cpl = cpl
+    }
 }
 
 /// How a guest asks for a conversion.
@@ -29,6 +35,9 @@ public enum ConversionChannel: String, Hashable, Sendable {
     /// CPL0 (-KVM_EPERM) or the exit is not enabled (-KVM_ENOSYS), or the arguments
     /// are bad (-KVM_EINVAL); otherwise the VMM gets KVM_EXIT_HYPERCALL.
     case hypercall
+    /// A KVM_EXIT_MEMORY_FAULT taken as an implicit request (SNP/TDX guests touch the
+    /// side they want and expect the VMM to follow).
+    case memoryFault = "memory_fault"
 }
 
 /// A guest's conversion request.

@@ -218,6 +218,8 @@ final class GuestHarness {
                     movImm64(rsi, request.npages)
                     movImm64(rdx, request.toPrivate ? 1 : 0)
                     out(Self.doorbellPort)
+                case .memoryFault:
+                    throw .unsupported("a memory-fault request is an exit, not a guest instruction")
                 case .hypercall:
                     movImm64(rax, UAPI.KVM_HC_MAP_GPA_RANGE)
                     movImm64(rbx, request.gpa)

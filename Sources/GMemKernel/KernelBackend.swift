@@ -512,6 +512,9 @@ public final class KernelBackend: Backend {
         throws(BackendError) -> GuestProgramResult
     {
         guard let v = vcpus[real(vcpu)] else { throw .errno(.EBADF) }
+        if program.cpl != 3 {
+            throw .unsupported("guest programs run at CPL3 on the kernel backend (kvm-pvm emulates CPL0, and its hypercalls never exit)")
+        }
         let h = try harness(for: v)
         if !v.configured {
             try GuestHarness.configure(vcpuFD: v.fd, kvmFD: kvm)

@@ -174,12 +174,13 @@ public final class ModelBackend: Backend {
             case .convert(let request):
                 let result: UInt64
                 switch request.channel {
-                case .doorbell:
+                case .doorbell, .memoryFault:
                     result = handler(request)
                 case .hypercall:
-                    // Programs run at CPL3, as on the kernel backend.
+                    // KVM answers itself unless the guest is at CPL0 and the exit is
+                    // enabled; then KVM_EXIT_HYPERCALL reaches the VMM (the handler).
                     let forwarded = try run { k throws(Errno) in try k.exitsOnMapGPARange(vcpu: vcpu.raw) }
-                    result = request.kvmHypercallAnswer(cpl: 3, exitEnabled: forwarded) ?? handler(request)
+                    result = request.kvmHypercallAnswer(cpl: program.cpl, exitEnabled: forwarded) ?? handler(request)
                 }
                 events.append(.conversion(request, result: result))
             }

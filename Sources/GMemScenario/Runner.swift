@@ -445,10 +445,10 @@ public final class ScenarioRunner {
                 try b.setMemoryAttributes(vm: v, address: gpa, size: size, attributes: attributes, flags: flags)
                 return Observation(result: .ok)
             }
-        case .guestWrite(let ref, let gpa, let bytes, let isPrivate):
-            return try guest(ref, GuestAccess(gpa: gpa, kind: .write(bytes), isPrivate: isPrivate))
-        case .guestRead(let ref, let gpa, let count, let isPrivate):
-            return try guest(ref, GuestAccess(gpa: gpa, kind: .read(count: count), isPrivate: isPrivate))
+        case .guestWrite(let ref, let gpa, let bytes, let isPrivate, let vmm):
+            return try guest(ref, GuestAccess(gpa: gpa, kind: .write(bytes), isPrivate: isPrivate), vmm: vmm)
+        case .guestRead(let ref, let gpa, let count, let isPrivate, let vmm):
+            return try guest(ref, GuestAccess(gpa: gpa, kind: .read(count: count), isPrivate: isPrivate), vmm: vmm)
         case .preFaultMemory(let ref, let gpa, let size, let flags):
             let v: FD
             switch try vcpu(ref) {
@@ -471,15 +471,21 @@ public final class ScenarioRunner {
                 try b.enableCap(vm: v, cap, arg)
                 return Observation(result: .ok)
             }
-        case .vmmManage(let vm, let policy, let regionRefs, let initiallyPrivate):
+        case .vmmManage(let vm, let policy, let regionRefs, let initiallyPrivate, let prefault):
             let v = try fd(vm)
             var regions: [ManagedRegion] = []
             for r in regionRefs {
                 regions.append(ManagedRegion(gpa: r.gpa, size: r.size, gmem: try fd(r.guestMemfd), gmemOffset: r.offset,
                                              sharedBacking: try r.sharedBacking.map { x throws(Skip) in try fd(x) }))
             }
-            vmms[vm] = GuestRequestHandler(manager: ConversionManager(
-                backend: b, vm: v, policy: policy, regions: regions, initiallyPrivate: initiallyPrivate))
+            let manager = ConversionManager(backend: b, vm: v, policy: policy, regions: regions, initiallyPrivate: initiallyPrivate)
+            if prefault {
+                switch try vcpu(vm) {
+                case .success(let c): manager.prefaultVCPU = c
+                case .failure(let e): return Observation(result: .errno(e))
+                }
+            }
+            vmms[vm] = GuestRequestHandler(manager: manager)
             return Observation(result: .ok)
         case .vmmConvert(let vm, let gpa, let size, let toPrivate):
             guard let h = vmms[vm] else { throw Skip(reason: "no vmm_manage for this VM") }
@@ -568,15 +574,26 @@ public final class ScenarioRunner {
         }
     }
 
-    func guest(_ ref: Ref, _ access: GuestAccess) throws(Skip) -> Observation {
+    /// With `vmm`, a memory-fault exit goes to the VMM's manager as an implicit
+    /// conversion and the vCPU runs again (a few times at most: each page of the
+    /// access may need one).
+    func guest(_ ref: Ref, _ access: GuestAccess, vmm: Bool = false) throws(Skip) -> Observation {
         let v: FD
         switch try vcpu(ref) {
         case .success(let fd): v = fd
         case .failure(let e): return Observation(result: .errno(e))
         }
         let b = backend
+        let handler = vmm ? vmms[ref] : nil
+        if vmm && handler == nil { throw Skip(reason: "\"vmm\": true needs vmm_manage for this VM first") }
         return try call { () throws(BackendError) in
-            switch try b.guestAccess(vcpu: v, access) {
+            var outcome = try b.guestAccess(vcpu: v, access)
+            var retries = 0
+            while let h = handler, case .failed(_, let exit?) = outcome, retries < 16, h.handleMemoryFault(exit) {
+                outcome = try b.guestAccess(vcpu: v, access)
+                retries += 1
+            }
+            switch outcome {
             case .completed(let bytes):
                 if case .read = access.kind { return Self.bytesRead(bytes) }
                 return Observation(result: .ok)

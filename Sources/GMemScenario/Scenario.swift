@@ -62,15 +62,15 @@ public enum Op: Hashable, Sendable {
     case hostRead(map: String, offset: UInt64, count: UInt64)
     case setUserMemoryRegion(vm: Ref, RegionSpec, version2: Bool)
     case setMemoryAttributes(vm: Ref, gpa: UInt64, size: UInt64, attributes: UInt64, flags: UInt64)
-    case guestWrite(vcpu: Ref, gpa: UInt64, [UInt8], isPrivate: Bool?)
-    case guestRead(vcpu: Ref, gpa: UInt64, count: UInt64, isPrivate: Bool?)
+    case guestWrite(vcpu: Ref, gpa: UInt64, [UInt8], isPrivate: Bool?, vmm: Bool)
+    case guestRead(vcpu: Ref, gpa: UInt64, count: UInt64, isPrivate: Bool?, vmm: Bool)
     case preFaultMemory(vcpu: Ref, gpa: UInt64, size: UInt64, flags: UInt64)
     case memoryFailure(Ref, offset: UInt64)
     case enableCap(vm: Ref, cap: Capability, arg: UInt64)
     /// `vmm`: the VMM's manager for this VM answers the program's requests.
     case guestProgram(vcpu: Ref, GuestProgram, doorbellResult: UInt64, vmm: Bool)
     case checkInvariants
-    case vmmManage(vm: Ref, policy: ConversionPolicy, regions: [RegionRef], initiallyPrivate: Bool)
+    case vmmManage(vm: Ref, policy: ConversionPolicy, regions: [RegionRef], initiallyPrivate: Bool, prefault: Bool)
     case vmmConvert(vm: Ref, gpa: UInt64, size: UInt64, toPrivate: Bool)
     case vmmListener(vm: Ref, domain: String, map: String, gpaBase: UInt64)
     case fork

@@ -338,9 +338,11 @@ struct StepReader {
                 vm: try ref("vm"), gpa: try number("gpa"), size: try number("size"),
                 attributes: try flags("attributes", ScenarioParser.attributeBits), flags: try optionalNumber("flags") ?? 0)
         case "guest_write":
-            return .guestWrite(vcpu: try vcpuRef(), gpa: try number("gpa"), try bytes("bytes"), isPrivate: try bool("private"))
+            return .guestWrite(vcpu: try vcpuRef(), gpa: try number("gpa"), try bytes("bytes"), isPrivate: try bool("private"),
+                               vmm: try bool("vmm") ?? false)
         case "guest_read":
-            return .guestRead(vcpu: try vcpuRef(), gpa: try number("gpa"), count: try number("len"), isPrivate: try bool("private"))
+            return .guestRead(vcpu: try vcpuRef(), gpa: try number("gpa"), count: try number("len"), isPrivate: try bool("private"),
+                              vmm: try bool("vmm") ?? false)
         case "pre_fault_memory":
             return .preFaultMemory(vcpu: try vcpuRef(), gpa: try number("gpa"), size: try number("size"), flags: try optionalNumber("flags") ?? 0)
         case "memory_failure":
@@ -360,7 +362,9 @@ struct StepReader {
             for (i, item) in items.enumerated() { ops.append(try guestOp(item, index: i)) }
             let vmm = try bool("vmm") ?? false
             if vmm && obj["doorbell_result"] != nil { throw fail("doorbell_result", "with \"vmm\": true the VMM's manager answers") }
-            return .guestProgram(vcpu: vcpu, GuestProgram(ops), doorbellResult: try optionalNumber("doorbell_result") ?? 0, vmm: vmm)
+            let cpl = try optionalNumber("cpl") ?? 3
+            guard cpl == 0 || cpl == 3 else { throw fail("cpl", "expected 0 or 3") }
+            return .guestProgram(vcpu: vcpu, GuestProgram(ops, cpl: Int(cpl)), doorbellResult: try optionalNumber("doorbell_result") ?? 0, vmm: vmm)
         case "check_invariants":
             return .checkInvariants
         case "vmm_manage":
@@ -392,7 +396,8 @@ struct StepReader {
             }
             let initially = try string("initially") ?? "private"
             guard initially == "private" || initially == "shared" else { throw fail("initially", "expected \"private\" or \"shared\"") }
-            return .vmmManage(vm: vm, policy: policy, regions: regions, initiallyPrivate: initially == "private")
+            return .vmmManage(vm: vm, policy: policy, regions: regions, initiallyPrivate: initially == "private",
+                              prefault: try bool("prefault") ?? false)
         case "vmm_convert":
             let vm = try ref("vm")
             guard let to = try string("to"), to == "private" || to == "shared" else { throw fail("to", "expected \"private\" or \"shared\"") }
@@ -509,7 +514,7 @@ struct StepReader {
             }
             var channel = ConversionChannel.doorbell
             if let via = b["via"] {
-                guard case .string(let v) = via, let c = ConversionChannel(rawValue: v) else {
+                guard case .string(let v) = via, let c = ConversionChannel(rawValue: v), c != .memoryFault else {
                     throw fail("\(field).convert.via", "expected \"doorbell\" or \"hypercall\"")
                 }
                 channel = c

@@ -68,6 +68,10 @@ public final class ConversionManager {
     /// Private (true) or shared, per gfn of the managed regions; memory starts private.
     public private(set) var state = RangeMap(true)
     private var listeners: [any ConversionListener] = []
+    /// After a conversion, map the range into the stage-2 ahead of the guest
+    /// (KVM_PRE_FAULT_MEMORY on this vCPU), as QEMU does after SNP page-state changes
+    /// to spare the guest one exit per page. Failures are ignored, as there.
+    public var prefaultVCPU: FD?
 
     static let page: UInt64 = 4096
 
@@ -137,6 +141,11 @@ public final class ConversionManager {
             }
         }
         for piece in pieces { state.set(piece.gfns, to: toPrivate) }
+        if let vcpu = prefaultVCPU {
+            for piece in pieces {
+                _ = try? backend.preFaultMemory(vcpu: vcpu, gpa: piece.gfns.lowerBound << 12, size: UInt64(piece.gfns.count) << 12, flags: 0)
+            }
+        }
         // Discarding the stale side cannot be undone, so it comes after every step that
         // can: the conversion stands even if a discard fails (the error says which).
         for d in discards {

@@ -18,6 +18,23 @@ public final class GuestRequestHandler {
     /// -errno as the guest sees it in RAX.
     public static func code(_ e: Errno) -> UInt64 { UInt64(bitPattern: -Int64(e.rawValue)) }
 
+    /// KVM_EXIT_MEMORY_FAULT as an implicit conversion (QEMU's kvm_convert_memory on
+    /// a memory fault): the guest touched the side its page is not on, so convert the
+    /// page to the side the exit says the guest wanted. Returns whether to run the vCPU
+    /// again. Exits with other flags, or that the conversion cannot satisfy, are for the
+    /// caller to report.
+    public func handleMemoryFault(_ exit: VMExit) -> Bool {
+        guard case .memoryFault(let flags, let gpa, let size) = exit,
+            flags & ~UAPI.KVM_MEMORY_EXIT_FLAG_PRIVATE == 0
+        else { return false }
+        let toPrivate = flags & UAPI.KVM_MEMORY_EXIT_FLAG_PRIVATE != 0
+        // Only a mismatch is a conversion request; a fault on the right side (a closed
+        // file, a missing slot) is not the VMM's to fix by converting.
+        guard manager.isPrivate(gpa: gpa) != toPrivate else { return false }
+        let request = ConversionRequest(gpa: gpa, npages: max(size / 4096, 1), toPrivate: toPrivate, channel: .memoryFault)
+        return handle(request) == 0
+    }
+
     public func handle(_ r: ConversionRequest) -> UInt64 {
         var error: ConversionError?
         let result: UInt64

@@ -1,7 +1,8 @@
 import GMemBackend
-import GMemModel
 import PropertyBased
 import Testing
+
+@testable import GMemModel
 
 @testable import GMemVMM
 
@@ -102,6 +103,17 @@ struct ConversionManagerTests {
         try b.unpin(pin)
         try m.convert(gpa: Self.base, size: 8 * 4096, toPrivate: true)
         #expect(m.isPrivate(gpa: Self.base + 5 * 4096))
+    }
+
+    @Test func preFaultingMapsTheConvertedRangeAheadOfTheGuest() throws {
+        let (b, m, _, _) = try Self.inPlace()
+        let vm = m.vm
+        m.prefaultVCPU = try b.createVCPU(vm: vm, id: 0)
+        let id = try b.kernel.vmFD(vm.raw)
+        #expect(b.kernel.vms[id]!.spte.isEmpty)
+        try m.convert(gpa: Self.base, size: 4 * 4096, toPrivate: false)
+        #expect(b.kernel.vms[id]!.spte.count == 4, "the four converted pages are mapped before the guest touches them")
+        #expect(b.kernel.vms[id]!.spte.values.allSatisfy { !$0.isPrivate })
     }
 
     @Test func aLateListenerGetsTheSharedRangesReplayed() throws {
