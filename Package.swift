@@ -21,6 +21,7 @@ let package = Package(
         .library(name: "GMemModel", targets: ["GMemModel"]),
         .library(name: "GMemScenario", targets: ["GMemScenario"]),
         .library(name: "GMemKernel", targets: ["GMemKernel"]),
+        .library(name: "GMemVMM", targets: ["GMemVMM"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),

@@ -14,6 +14,7 @@ let package = Package(
                 .product(name: "GMemModel", package: "GuestMemfd"),
                 .product(name: "GMemBackend", package: "GuestMemfd"),
                 .product(name: "GMemKernel", package: "GuestMemfd"),
+                .product(name: "GMemVMM", package: "GuestMemfd"),
                 "CHeapStats",
             ],
             swiftSettings: [.swiftLanguageMode(.v6)]),

@@ -26,9 +26,11 @@ public struct GuestProgram: Hashable, Sendable {
 
 /// How a guest asks for a conversion.
 public enum ConversionChannel: String, Hashable, Sendable {
-    /// A port-I/O doorbell: `out` to port 0x12 with RDI = gpa, RSI = npages,
-    /// RDX = 1 for to-private or 0 for to-shared; the VMM's answer comes back in RAX.
-    /// Works wherever guest code runs, including kvm-pvm hosts.
+    /// A port-I/O doorbell: the guest writes gpa, npages and flags (1: to-private) to a
+    /// mailbox and executes `in eax, 0x12`; the VMM reads the mailbox and answers in
+    /// the exit's data, which the CPU loads into EAX (32 bits, zero-extended: -22 reads
+    /// 0xffffffea). One exit, no register ioctls. Works wherever guest code runs,
+    /// including kvm-pvm hosts.
     case doorbell
     /// KVM_HC_MAP_GPA_RANGE (nr 12): RBX = gpa, RCX = npages, RDX = attributes
     /// (bit 4: encrypted, i.e. private). KVM answers itself when the guest is not at

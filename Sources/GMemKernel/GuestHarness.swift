@@ -38,6 +38,9 @@ final class GuestHarness {
     static let verifyPort: UInt16 = 0x13
     static let reportPort: UInt16 = 0x14
     static let hypercallReturnPort: UInt16 = 0x15
+    /// The doorbell's mailbox: gpa, npages, flags (u64 each), written by the guest and
+    /// read by the VMM straight from the helper memory, with no register ioctl.
+    static let mailbox: UInt64 = 0x3f00
     /// Identity mapping reaches the top of the canonical lower half.
     static let mappableLimit: UInt64 = 1 << 47
 
@@ -210,14 +213,19 @@ final class GuestHarness {
             case .report(let value):
                 code += [0xb8]  // mov eax, imm32
                 withUnsafeBytes(of: value.littleEndian) { code += $0 }
-                out(Self.reportPort)
+                code += [0xe7, UInt8(Self.reportPort)]  // out 0x14, eax: the value travels in the exit
             case .convert(let request):
                 switch request.channel {
                 case .doorbell:
-                    movImm64(rdi, request.gpa)
-                    movImm64(rsi, request.npages)
-                    movImm64(rdx, request.toPrivate ? 1 : 0)
-                    out(Self.doorbellPort)
+                    // Arguments in the mailbox (mov rax, imm64; mov [moffs64], rax), then
+                    // `in eax, 0x12`: the VMM answers in the exit's data, which KVM loads
+                    // into EAX (zero-extended into RAX) when the vCPU runs again.
+                    for (i, v) in [request.gpa, request.npages, request.toPrivate ? 1 : 0].enumerated() {
+                        movImm64(rax, v)
+                        code += [0x48, 0xa3]
+                        withUnsafeBytes(of: (Self.mailbox + UInt64(i) * 8).littleEndian) { code += $0 }
+                    }
+                    code += [0xe5, UInt8(Self.doorbellPort)]
                 case .memoryFault:
                     throw .unsupported("a memory-fault request is an exit, not a guest instruction")
                 case .hypercall:

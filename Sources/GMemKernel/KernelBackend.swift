@@ -542,24 +542,32 @@ public final class KernelBackend: Backend {
             switch reason {
             case 2:  // KVM_EXIT_IO: the program talking to the VMM
                 let port = v.exitUnion.load(fromByteOffset: 2, as: UInt16.self)
+                let data = v.run + Int(v.exitUnion.load(fromByteOffset: 8, as: UInt64.self))
+                // Reports and doorbells carry what they need in the exit and the mailbox;
+                // only verify and the hypercall return need the registers.
                 var regs = kvm_regs()
-                try check(ckvm_ioctl_ptr(v.fd, CKVM_GET_REGS, &regs))
+                if port == GuestHarness.verifyPort || port == GuestHarness.hypercallReturnPort {
+                    try check(ckvm_ioctl_ptr(v.fd, CKVM_GET_REGS, &regs))
+                }
                 switch port {
                 case GuestHarness.donePort:
                     completePendingExit(v)
                     return GuestProgramResult(events: events, end: .completed([]))
                 case GuestHarness.reportPort:
-                    events.append(.reported(UInt32(truncatingIfNeeded: regs.rax)))
+                    events.append(.reported(data.load(as: UInt32.self)))
                 case GuestHarness.verifyPort:
                     let (gpa, length) = compiled.verifies[Int(regs.rbx)]
                     let equal = regs.rflags & 0x40 != 0 || length == 0
                     events.append(.verified(gpa: gpa, length: length, mismatchAt: equal ? nil : regs.rsi - gpa - 1))
                 case GuestHarness.doorbellPort:
-                    let request = ConversionRequest(gpa: regs.rdi, npages: regs.rsi, toPrivate: regs.rdx & 1 != 0, channel: .doorbell)
-                    let result = handler(request)
-                    regs.rax = result
-                    try check(ckvm_ioctl_ptr(v.fd, CKVM_SET_REGS, &regs))
-                    events.append(.conversion(request, result: result))
+                    let box = h.memory + Int(GuestHarness.mailbox)
+                    let request = ConversionRequest(
+                        gpa: box.load(as: UInt64.self), npages: box.load(fromByteOffset: 8, as: UInt64.self),
+                        toPrivate: box.load(fromByteOffset: 16, as: UInt64.self) & 1 != 0, channel: .doorbell)
+                    // `in eax`: 32 bits of answer, zero-extended into RAX by the CPU.
+                    let result = UInt32(truncatingIfNeeded: handler(request))
+                    data.storeBytes(of: result, as: UInt32.self)
+                    events.append(.conversion(request, result: UInt64(result)))
                 case GuestHarness.hypercallReturnPort:
                     let request = pendingHypercall?.0 ?? ConversionRequest(
                         gpa: regs.rbx, npages: regs.rcx, toPrivate: regs.rdx & 0x10 != 0, channel: .hypercall)

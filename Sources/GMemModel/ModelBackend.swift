@@ -175,7 +175,8 @@ public final class ModelBackend: Backend {
                 let result: UInt64
                 switch request.channel {
                 case .doorbell, .memoryFault:
-                    result = handler(request)
+                    // The doorbell answers through `in eax`: 32 bits, zero-extended.
+                    result = UInt64(UInt32(truncatingIfNeeded: handler(request)))
                 case .hypercall:
                     // KVM answers itself unless the guest is at CPL0 and the exit is
                     // enabled; then KVM_EXIT_HYPERCALL reaches the VMM (the handler).

@@ -212,7 +212,7 @@ struct Demo: ParsableCommand {
         case .verified(let gpa, let len, let at):
             at.map { "verify \(len) bytes at \(hex(gpa)): MISMATCH at +\($0)" } ?? "verify \(len) bytes at \(hex(gpa)): ok"
         case .conversion(let r, let result):
-            "asks (\(r.channel.rawValue)) for \(r.npages < 1 << 20 ? String(r.npages) : hex(r.npages)) pages at \(hex(r.gpa)) to be \(r.toPrivate ? "private" : "shared"): \(result == 0 ? "done" : "answer \(Int64(bitPattern: result))")"
+            "asks (\(r.channel.rawValue)) for \(r.npages < 1 << 20 ? String(r.npages) : hex(r.npages)) pages at \(hex(r.gpa)) to be \(r.toPrivate ? "private" : "shared"): \(result == 0 ? "done" : "answer \(r.channel == .doorbell ? Int64(Int32(bitPattern: UInt32(truncatingIfNeeded: result))) : Int64(bitPattern: result))")"
         }
     }
 
