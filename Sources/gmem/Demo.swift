@@ -92,12 +92,13 @@ struct Demo: ParsableCommand {
 
         // Costs are counted, not timed: the model checks every invariant around every call
         // here, which would dominate any time shown (docs/benchmarks.md has the timings).
-        var costs: [(String, Stats, Stats)] = []
+        var costs: [(String, Stats, Stats, Double)] = []
         func program(_ title: String, _ ops: [GuestProgram.Op]) throws -> GuestProgramResult {
             let r = try b.runGuestProgram(vcpu: vcpu, GuestProgram(ops)) { req in
                 let s = b.kernel.stats
+                let t = now()
                 let answer = handler.handle(req)
-                costs.append(("\(req.toPrivate ? "to-private" : "to-shared") of \(req.npages) pages at \(hex(req.gpa))", s, b.kernel.stats))
+                costs.append(("\(req.toPrivate ? "to-private" : "to-shared") of \(req.npages) pages at \(hex(req.gpa))", s, b.kernel.stats, now() - t))
                 return answer
             }
             emit("   \(title)")
@@ -106,9 +107,9 @@ struct Demo: ParsableCommand {
             return r
         }
         func conversionsSoFar() {
-            for (what, s0, s1) in costs {
+            for (what, s0, s1, us) in costs {
                 let refused = s1.conversionsRefused > s0.conversionsRefused
-                emit("     VMM: \(what) \(refused ? "refused by the kernel" : "done"): \(s1.spteZapped - s0.spteZapped) SPTEs zapped, \(s1.iommuEntriesZapped - s0.iommuEntriesZapped) IOMMU entries removed, \(s1.pagesZeroed - s0.pagesZeroed) pages zeroed")
+                emit("     VMM: \(what) \(refused ? "refused by the kernel" : "done"): \(s1.spteZapped - s0.spteZapped) SPTEs zapped, \(s1.iommuEntriesZapped - s0.iommuEntriesZapped) IOMMU entries removed, \(s1.pagesZeroed - s0.pagesZeroed) pages zeroed; \(format2(us)) µs in the VMM and the model, which checks every transition")
             }
             costs.removeAll()
         }
@@ -183,6 +184,7 @@ struct Demo: ParsableCommand {
             let manager = ConversionManager(backend: k, vm: vm, policy: k.capability(.guestMemfdMemoryAttributes) != 0 ? .inPlace : .attributes,
                                             regions: [ManagedRegion(gpa: Self.base, size: Self.size, gmem: gmem)])
             let handler = GuestRequestHandler(manager: manager)
+            var vmmTimes: [Double] = []
             let t0 = now()
             let r = try k.runGuestProgram(vcpu: vcpu, GuestProgram([
                 .fill(gpa: Self.base, length: Self.size, pattern: [0x5e, 0xc2]),
@@ -190,11 +192,16 @@ struct Demo: ParsableCommand {
                 .convert(ConversionRequest(gpa: Self.buffer, npages: Self.bufferPages, toPrivate: false, channel: .doorbell)),
                 .convert(ConversionRequest(gpa: Self.buffer, npages: 1, toPrivate: false, channel: .hypercall)),
                 .report(1),
-            ])) { handler.handle($0) }
+            ])) { req in
+                let t = now()
+                let answer = handler.handle(req)
+                vmmTimes.append(now() - t)
+                return answer
+            }
             emit("   a default VM (the only type here) with 4 MiB of guest_memfd; real x86-64 code at CPL3 on a real vCPU (\(format2((now() - t0) / 1000)) ms)")
             for e in r.events { emit("     guest: \(describe(e))") }
             if let e = handler.log.first?.error {
-                emit("     the doorbell reached the VMM's manager; this kernel cannot convert (\(e)), so the guest was told so")
+                emit("     the doorbell reached the VMM's manager (\(format2(vmmTimes.first ?? 0)) µs there); this kernel cannot convert (\(e)), so the guest was told so")
             }
             emit("     KVM answered the CPL3 hypercall itself (-1 = -KVM_EPERM): hypercall exits need a CPL0 guest")
             emit("     end: \(r.end == .completed([]) ? "the program ran to its end" : "\(r.end)")")
