@@ -188,4 +188,76 @@ struct ConversionManagerTests {
             }
         }
     }
+
+    /// A hostile guest: floods of requests with misaligned, zero, wrapping, oversized
+    /// and out-of-range arguments, interleaved with its own stores and loads on the
+    /// pages it is converting. The VMM answers every request as KVM would validate it,
+    /// the program always runs to its end, the manager agrees with a reference model
+    /// of which pages are private, the guest's bytes survive (sw_protected in-place
+    /// conversion keeps them), and every invariant holds.
+    @Test func aHostileGuestGetsErrorsAndNeverStopsTheVMM() async {
+        let gpas: [UInt64] = [0, 1, 4095, 4096, 8 * 4096, 15 * 4096, 16 * 4096, 1 << 29, UInt64.max & ~4095]
+        let counts: [UInt64] = [0, 1, 2, 16, 17, (1 << 18) + 1, 1 << 52, 1 << 62, UInt64.max]
+        enum Step { case convert(gpa: UInt64, npages: UInt64, toPrivate: Bool), fill(page: UInt64, byte: UInt8), verify(page: UInt64) }
+        let step = PropertyBased.zip(Gen.int(in: 0...2), Gen.int(in: 0...8), Gen.int(in: 0...8), Gen.bool, Gen.int(in: 0...15), Gen.int(in: 1...255))
+            .map { kind, g, c, toPrivate, page, byte -> Step in
+                switch kind {
+                case 0: .convert(gpa: Self.base &+ gpas[g] &- (g >= 7 ? Self.base : 0), npages: counts[c], toPrivate: toPrivate)
+                case 1: .fill(page: UInt64(page), byte: UInt8(byte))
+                default: .verify(page: UInt64(page))
+                }
+            }
+        await propertyCheck(count: 60, input: step.array(of: 1...60)) { steps in
+            guard let (b, m, _, _) = try? Self.inPlace(), let vcpu = try? b.createVCPU(vm: m.vm, id: 0) else {
+                Issue.record("setup failed")
+                return
+            }
+            let handler = GuestRequestHandler(manager: m)
+            var isPrivate = [Bool](repeating: true, count: Int(Self.pages))
+            var bytes = [UInt8](repeating: 0, count: Int(Self.pages))
+            var ops: [GuestProgram.Op] = []
+            var expected: [UInt64?] = []
+            for s in steps {
+                switch s {
+                case .convert(let gpa, let npages, let toPrivate):
+                    ops.append(.convert(ConversionRequest(gpa: gpa, npages: npages, toPrivate: toPrivate, channel: .doorbell)))
+                    let (size, o1) = npages.multipliedReportingOverflow(by: 4096)
+                    let (end, o2) = gpa.addingReportingOverflow(size)
+                    let answer: Errno?
+                    if gpa % 4096 != 0 || npages == 0 || o1 || o2 { answer = .EINVAL }
+                    else if npages > 1 << 18 { answer = .E2BIG }
+                    else if toPrivate && (gpa < Self.base || end > Self.base + Self.pages * 4096) { answer = .EINVAL }
+                    else {
+                        answer = nil
+                        let lo = max(gpa, Self.base), hi = min(end, Self.base + Self.pages * 4096)
+                        if lo < hi { for p in (lo - Self.base) / 4096..<(hi - Self.base) / 4096 { isPrivate[Int(p)] = toPrivate } }
+                    }
+                    expected.append(answer.map { UInt64(UInt32(truncatingIfNeeded: GuestRequestHandler.code($0))) } ?? 0)
+                case .fill(let page, let byte):
+                    ops.append(.fill(gpa: Self.base + page * 4096, length: 4096, pattern: [byte]))
+                    bytes[Int(page)] = byte
+                case .verify(let page):
+                    ops.append(.verify(gpa: Self.base + page * 4096, length: 4096, pattern: [bytes[Int(page)]]))
+                    expected.append(nil)
+                }
+            }
+            guard let result = try? b.runGuestProgram(vcpu: vcpu, GuestProgram(ops), handler: handler.handle) else {
+                Issue.record("the program could not run")
+                return
+            }
+            #expect(result.end == .completed([]), "the guest was stopped: \(result.end)")
+            #expect(result.events.count == expected.count)
+            for (event, want) in zip(result.events, expected) {
+                switch event {
+                case .conversion(let r, let got):
+                    #expect(got == want, "gpa 0x\(String(r.gpa, radix: 16)) npages \(r.npages): answered 0x\(String(got, radix: 16))")
+                case .verified(let gpa, _, let at):
+                    #expect(at == nil, "the guest's bytes changed at gpa 0x\(String(gpa, radix: 16))")
+                default: Issue.record("unexpected event \(event)")
+                }
+            }
+            for p in 0..<Int(Self.pages) { #expect(m.isPrivate(gpa: Self.base + UInt64(p) * 4096) == isPrivate[p], "page \(p)") }
+            #expect((try? b.checkInvariants())?.isEmpty == true)
+        }
+    }
 }
