@@ -26,6 +26,13 @@ public enum Mutant: String, CaseIterable, Hashable, Sendable {
     /// fork shares pinned pages copy-on-write and COW decides by page_count: the
     /// pinning process's next write moves it off the page its device still sees.
     case cowIgnoresPins = "cow-ignores-pins"
+    /// A fault installs the SPTE it resolved without rechecking mmu_invalidate_seq
+    /// (is_page_fault_stale()), so an invalidation that ran while it resolved is lost.
+    case skipFaultRetry = "skip-fault-retry"
+
+    /// Mutants that only a race shows: no sequential scenario can catch them, the
+    /// explorer does (an operation must run between two steps of another).
+    public var needsInterleaving: Bool { self == .skipFaultRetry }
 }
 
 extension Kernel {

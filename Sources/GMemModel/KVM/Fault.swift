@@ -16,12 +16,26 @@ extension Kernel {
     mutating func stage2Page(vm: UInt64, gfn: UInt64, write: Bool, isPrivate requested: Bool?) throws(FaultExit)
         -> UInt64
     {
-        // The hardware walk hits; no fault, so no KVM check runs. Where the access
-        // carries private/shared (a shared-GPA bit), the two sides are different
-        // translations: an SPTE serves only accesses of its own side.
-        if let spte = vms[vm]!.spte[gfn], spte.writable || !write, requested.map({ $0 == spte.isPrivate }) ?? true {
-            return spte.pfn
-        }
+        if let pfn = stage2Hit(vm: vm, gfn: gfn, write: write, isPrivate: requested) { return pfn }
+        let spte = try stage2Resolve(vm: vm, gfn: gfn, write: write, isPrivate: requested)
+        vms[vm]!.spte[gfn] = spte
+        return spte.pfn
+    }
+
+    /// The hardware walk hits; no fault, so no KVM check runs. Where the access
+    /// carries private/shared (a shared-GPA bit), the two sides are different
+    /// translations: an SPTE serves only accesses of its own side.
+    func stage2Hit(vm: UInt64, gfn: UInt64, write: Bool, isPrivate requested: Bool?) -> UInt64? {
+        guard let spte = vms[vm]!.spte[gfn], spte.writable || !write, requested.map({ $0 == spte.isPrivate }) ?? true
+        else { return nil }
+        return spte.pfn
+    }
+
+    /// The part of a fault that runs without mmu_lock (kvm_mmu_faultin_pfn()): decide
+    /// the side, find the memslot, get the frame. Returns the SPTE to install.
+    mutating func stage2Resolve(vm: UInt64, gfn: UInt64, write: Bool, isPrivate requested: Bool?) throws(FaultExit)
+        -> SPTE
+    {
         let attrPrivate = kvmMemIsPrivate(vm: vm, gfn: gfn)
         let isPrivate = requested ?? attrPrivate
         let flags = isPrivate ? UAPI.KVM_MEMORY_EXIT_FLAG_PRIVATE : 0
@@ -53,8 +67,19 @@ extension Kernel {
             }
             writable = !slot.isReadonly && (mm.ptes[vpn]?.writable ?? false)
         }
-        vms[vm]!.spte[gfn] = SPTE(pfn: pfn, isPrivate: isPrivate, writable: writable)
-        return pfn
+        return SPTE(pfn: pfn, isPrivate: isPrivate, writable: writable)
+    }
+
+    /// What a guest access that stopped on `error` returns from KVM_RUN.
+    static func outcome(of error: FaultExit, address: UInt64, isWrite: Bool) -> GuestOutcome {
+        switch error {
+        case .memoryFault(let errno, let flags, let gfn):
+            .failed(errno, .memoryFault(flags: flags, gpa: gfn << UAPI.pageShift, size: UAPI.pageSize))
+        case .emulate:
+            .exit(.mmio(gpa: address, length: 1, isWrite: isWrite))
+        case .failed(let errno):
+            .failed(errno, nil)
+        }
     }
 
     /// The type of the VM a vCPU fd belongs to.
@@ -108,14 +133,7 @@ extension Kernel {
             do {
                 pfn = try stage2Page(vm: vm, gfn: c.page, write: write != nil, isPrivate: access.isPrivate)
             } catch {
-                switch error {
-                case .memoryFault(let errno, let flags, let gfn):
-                    return .failed(errno, .memoryFault(flags: flags, gpa: gfn << UAPI.pageShift, size: UAPI.pageSize))
-                case .emulate:
-                    return .exit(.mmio(gpa: c.address, length: 1, isWrite: write != nil))
-                case .failed(let errno):
-                    return .failed(errno, nil)
-                }
+                return Self.outcome(of: error, address: c.address, isWrite: write != nil)
             }
             if let write {
                 phys.write(pfn, offset: c.offsetInPage, write[c.range])

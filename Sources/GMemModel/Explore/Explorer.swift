@@ -1,0 +1,247 @@
+import GMemBackend
+
+/// What the explorer's actors act on: the whole kernel, and what each actor carries
+/// between its steps (a fault paused between resolve and install, a pin's id).
+public struct World: Hashable {
+    public var kernel: Kernel
+    /// A paused fault per actor index.
+    public var pending: [Int: PendingFault] = [:]
+    /// Per-actor registers (ids and results a later step needs).
+    public var registers: [Int: UInt64] = [:]
+
+    public init(kernel: Kernel) { self.kernel = kernel }
+}
+
+/// What a step did, and where its actor goes next.
+public struct StepResult: Sendable {
+    public enum Next: Sendable, Hashable {
+        case advance
+        /// Back (or on) to this step of the same actor: a retry loop.
+        case step(Int)
+    }
+    /// What the step saw, for the trace.
+    public var saw: String
+    public var next: Next
+    public init(_ saw: String, next: Next = .advance) {
+        self.saw = saw
+        self.next = next
+    }
+}
+
+/// One atomic step: the kernel code between two points where the kernel takes or
+/// drops a lock (or holds none), so another actor may run in between.
+public struct ExploreStep {
+    public var label: String
+    public var run: (inout World, _ actor: Int) -> StepResult
+    public init(_ label: String, _ run: @escaping (inout World, _ actor: Int) -> StepResult) {
+        self.label = label
+        self.run = run
+    }
+}
+
+/// A vCPU, a VMM thread, a host process or a device, as a straight-line program of
+/// steps (with retry loops through `StepResult.Next.step`).
+public struct ExploreActor {
+    public var name: String
+    public var steps: [ExploreStep]
+    public init(_ name: String, _ steps: [ExploreStep]) {
+        self.name = name
+        self.steps = steps
+    }
+}
+
+/// Which actor ran at each step, written compactly: actor indices joined by dots
+/// ("0.1.0"). `gmem explore --replay` takes this string.
+public struct Schedule: Hashable, Sendable, CustomStringConvertible {
+    public var actors: [Int]
+    public init(_ actors: [Int]) { self.actors = actors }
+    public init?(parsing text: String) {
+        var out: [Int] = []
+        for part in text.split(separator: ".", omittingEmptySubsequences: false) {
+            guard let n = Int(part), n >= 0 else { return nil }
+            out.append(n)
+        }
+        actors = out
+    }
+    public var description: String { actors.map(String.init).joined(separator: ".") }
+}
+
+/// One line of a labelled trace.
+public struct TraceEntry: Hashable, Sendable, CustomStringConvertible {
+    public var actor: String
+    public var step: String
+    public var saw: String
+    public var description: String { "\(actor): \(step): \(saw)" }
+}
+
+/// A schedule that breaks an invariant (or runs away), with what happened.
+public struct Counterexample: Sendable {
+    public var schedule: Schedule
+    public var trace: [TraceEntry]
+    public var violations: [Violation]
+    /// The schedule hit the step bound: some actor keeps retrying (livelock).
+    public var livelock: Bool
+}
+
+/// What an exploration covered.
+public struct ExploreSummary: Sendable {
+    /// Schedules run to their end (every actor done, or stopped by a violation).
+    public var schedules = 0
+    /// Distinct (world, program counters) states reached.
+    public var states = 0
+    /// Steps executed, over all schedules.
+    public var steps = 0
+    public var counterexample: Counterexample?
+}
+
+/// Runs actors' steps in every order a strategy picks, checking the invariants after
+/// each step: the kernel's races, found by construction rather than by luck.
+public struct Explorer {
+    public var initial: World
+    public var actors: [ExploreActor]
+    /// Steps one schedule may take before it counts as a livelock.
+    public var stepBound = 1_000
+
+    public init(initial: World, actors: [ExploreActor]) {
+        self.initial = initial
+        self.actors = actors
+    }
+
+    /// Where the run is: the world and each actor's next step.
+    struct Position: Hashable {
+        var world: World
+        var pcs: [Int]
+    }
+
+    func enabled(_ pcs: [Int]) -> [Int] { actors.indices.filter { pcs[$0] < actors[$0].steps.count } }
+
+    /// Runs actor `a`'s next step; returns the trace line.
+    func step(_ p: inout Position, _ a: Int) -> TraceEntry {
+        let s = actors[a].steps[p.pcs[a]]
+        let r = s.run(&p.world, a)
+        switch r.next {
+        case .advance: p.pcs[a] += 1
+        case .step(let i): p.pcs[a] = i
+        }
+        return TraceEntry(actor: actors[a].name, step: s.label, saw: r.saw)
+    }
+
+    /// Exhaustive depth-first search over every schedule with at most `preemptionBound`
+    /// preemptions (switching away from an actor that could still run). States already
+    /// reached with no more preemptions spent are not explored again. Stops at the
+    /// first violation.
+    public func exhaustive(preemptionBound: Int) -> ExploreSummary {
+        var summary = ExploreSummary()
+        var seen: [Position: Int] = [:]
+        var schedule: [Int] = []
+        var trace: [TraceEntry] = []
+
+        func visit(_ p: Position, last: Int?, spent: Int) -> Bool {
+            let ready = enabled(p.pcs)
+            if ready.isEmpty {
+                summary.schedules += 1
+                return false
+            }
+            if schedule.count >= stepBound {
+                summary.counterexample = Counterexample(schedule: Schedule(schedule), trace: trace, violations: [], livelock: true)
+                return true
+            }
+            // The running actor first: schedules without preemption come out first.
+            let order = last.map { l in ready.contains(l) ? [l] + ready.filter { $0 != l } : ready } ?? ready
+            for a in order {
+                let cost = (last != nil && a != last && ready.contains(last!)) ? 1 : 0
+                if spent + cost > preemptionBound { continue }
+                var q = p
+                let entry = step(&q, a)
+                summary.steps += 1
+                schedule.append(a)
+                trace.append(entry)
+                defer {
+                    schedule.removeLast()
+                    trace.removeLast()
+                }
+                let violations = q.world.kernel.checkSystemInvariants()
+                if !violations.isEmpty {
+                    summary.schedules += 1
+                    summary.counterexample = Counterexample(schedule: Schedule(schedule), trace: trace, violations: violations, livelock: false)
+                    return true
+                }
+                if let before = seen[q], before <= spent + cost { continue }
+                seen[q] = spent + cost
+                if visit(q, last: a, spent: spent + cost) { return true }
+            }
+            return false
+        }
+
+        let start = Position(world: initial, pcs: actors.map { _ in 0 })
+        let violations = start.world.kernel.checkSystemInvariants()
+        if !violations.isEmpty {
+            summary.counterexample = Counterexample(schedule: Schedule([]), trace: [], violations: violations, livelock: false)
+        } else {
+            seen[start] = 0
+            _ = visit(start, last: nil, spent: 0)
+        }
+        summary.states = seen.count
+        return summary
+    }
+
+    /// `count` schedules picked uniformly at random at each step, from `seed`
+    /// (SplitMix64, so a seed names the same schedules on every machine).
+    public func random(seed: UInt64, count: Int) -> ExploreSummary {
+        var summary = ExploreSummary()
+        var rng = seed
+        func next() -> UInt64 {
+            rng &+= 0x9E37_79B9_7F4A_7C15
+            var z = rng
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            return z ^ (z >> 31)
+        }
+        var seen: Set<Position> = []
+        for _ in 0..<count {
+            var p = Position(world: initial, pcs: actors.map { _ in 0 })
+            var schedule: [Int] = []
+            while true {
+                let ready = enabled(p.pcs)
+                if ready.isEmpty { break }
+                if schedule.count >= stepBound {
+                    let r = replay(Schedule(schedule))
+                    summary.counterexample = Counterexample(schedule: Schedule(schedule), trace: r.trace, violations: [], livelock: true)
+                    return summary
+                }
+                let a = ready[Int(next() % UInt64(ready.count))]
+                _ = step(&p, a)
+                schedule.append(a)
+                summary.steps += 1
+                seen.insert(p)
+                if !p.world.kernel.checkSystemInvariants().isEmpty {
+                    summary.schedules += 1
+                    summary.states = seen.count
+                    let r = replay(Schedule(schedule))
+                    summary.counterexample = Counterexample(schedule: Schedule(schedule), trace: r.trace, violations: r.violations, livelock: false)
+                    return summary
+                }
+            }
+            summary.schedules += 1
+        }
+        summary.states = seen.count
+        return summary
+    }
+
+    /// Runs exactly `schedule`, stopping at the first violation; an index that names no
+    /// actor, or one with no step left, ends the run with a note in the trace.
+    public func replay(_ schedule: Schedule) -> (trace: [TraceEntry], violations: [Violation], world: World) {
+        var p = Position(world: initial, pcs: actors.map { _ in 0 })
+        var trace: [TraceEntry] = []
+        for a in schedule.actors {
+            guard actors.indices.contains(a), p.pcs[a] < actors[a].steps.count else {
+                trace.append(TraceEntry(actor: "schedule", step: "\(a)", saw: "no such actor, or it has no step left"))
+                return (trace, [], p.world)
+            }
+            trace.append(step(&p, a))
+            let v = p.world.kernel.checkSystemInvariants()
+            if !v.isEmpty { return (trace, v, p.world) }
+        }
+        return (trace, [], p.world)
+    }
+}
