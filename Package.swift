@@ -30,7 +30,7 @@ let package = Package(
     targets: [
         .target(name: "GMemBackend", swiftSettings: swift6),
         .target(name: "GMemModel", dependencies: ["GMemBackend"], swiftSettings: swift6),
-        .target(name: "GMemScenario", dependencies: ["GMemBackend", "GMemVMM"], swiftSettings: swift6),
+        .target(name: "GMemScenario", dependencies: ["GMemBackend", "GMemModel", "GMemVMM"], swiftSettings: swift6),
         // The VMM side: conversion management over any backend.
         .target(name: "GMemVMM", dependencies: ["GMemBackend", "GMemModel"], swiftSettings: swift6),
         // Linux only: ioctl numbers, uapi structs, variadic calls and signal-safe probes in C,

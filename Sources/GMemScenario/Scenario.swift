@@ -165,6 +165,22 @@ public struct Scenario: Hashable, Sendable {
     /// Policies the scenario runs under (`"policies": {"binding": ...}`).
     public var binding: BindingOwnership?
     public var steps: [Step]
+    /// Actors for `gmem explore`; empty for a plain scenario.
+    public var actors: [ActorSpec] = []
+}
+
+/// One actor of an exploration: a name and its program.
+public struct ActorSpec: Hashable, Sendable {
+    public var name: String
+    public var program: [ActorOp]
+}
+
+/// One op of an actor's program.
+public enum ActorOp: Hashable, Sendable {
+    /// A scenario step, run atomically.
+    case step(Step)
+    /// A stage-2 fault split at mmu_lock: resolve, then install or retry.
+    case guestFault(vcpu: Ref, gpa: UInt64, write: Bool)
 }
 
 /// Why a scenario file is not valid: the file, the step and the field, and what was

@@ -32,8 +32,8 @@ public enum ScenarioParser {
         guard case .object(let top) = json else {
             throw ScenarioError(file: file, message: "expected a JSON object with \"name\" and \"steps\"")
         }
-        for key in top.keys where !["name", "description", "requires", "policies", "steps", "comment"].contains(key) {
-            throw ScenarioError(file: file, field: key, message: "unknown top-level field (expected name, description, requires, policies, steps)")
+        for key in top.keys where !["name", "description", "requires", "policies", "steps", "actors", "comment"].contains(key) {
+            throw ScenarioError(file: file, field: key, message: "unknown top-level field (expected name, description, requires, policies, steps, actors)")
         }
         var binding: BindingOwnership?
         if let p = top["policies"] {
@@ -88,7 +88,63 @@ public enum ScenarioParser {
             }
             steps.append(step)
         }
-        return Scenario(file: file, name: name, description: description, requires: requires, binding: binding, steps: steps)
+        let actors = try readActors(top["actors"], file: file, names: names, firstIndex: steps.count)
+        return Scenario(file: file, name: name, description: description, requires: requires, binding: binding, steps: steps,
+                        actors: actors)
+    }
+
+    /// `"actors": [{"name", "program": [steps]}]` for `gmem explore`: the steps read as
+    /// scenario steps (numbered on from the setup's), plus `guest_fault`, which the
+    /// explorer splits where KVM drops mmu_lock. Each actor sees the setup's names and
+    /// its own.
+    static func readActors(_ json: JSON?, file: String, names: [String: HandleKind], firstIndex: Int) throws(ScenarioError)
+        -> [ActorSpec]
+    {
+        guard let json else { return [] }
+        guard case .array(let items) = json else {
+            throw ScenarioError(file: file, field: "actors", message: "expected a list of {\"name\", \"program\"}")
+        }
+        var index = firstIndex
+        var actors: [ActorSpec] = []
+        for (i, item) in items.enumerated() {
+            guard case .object(let a) = item, case .string(let name)? = a["name"], case .array(let program)? = a["program"],
+                a.keys.allSatisfy({ ["name", "program", "comment"].contains($0) })
+            else {
+                throw ScenarioError(file: file, field: "actors[\(i)]", message: "expected {\"name\": a string, \"program\": a list of steps}")
+            }
+            var own = names
+            var ops: [ActorOp] = []
+            for raw in program {
+                guard case .object(let obj) = raw else {
+                    throw ScenarioError(file: file, step: index, message: "a step must be an object with \"op\"")
+                }
+                var reader = StepReader(obj: obj, file: file, index: index, names: own)
+                if case .string("guest_fault")? = obj["op"] {
+                    ops.append(try reader.readGuestFault())
+                } else {
+                    let step = try reader.readStep()
+                    if let n = step.name, let kind = step.op.produces { own[n] = kind }
+                    ops.append(.step(step))
+                }
+                index += 1
+            }
+            actors.append(ActorSpec(name: name, program: ops))
+        }
+        return actors
+    }
+}
+
+extension StepReader {
+    /// `{"op": "guest_fault", "vcpu", "gpa", "write"?}`: one stage-2 fault, in two
+    /// explorer steps (resolve without mmu_lock; install, or retry if stale).
+    mutating func readGuestFault() throws(ScenarioError) -> ActorOp {
+        op = "guest_fault"
+        let vcpu = try ref("vcpu")
+        let gpa = try number("gpa")
+        let write = try bool("write") ?? false
+        _ = try string("comment")
+        try finish()
+        return .guestFault(vcpu: vcpu, gpa: gpa, write: write)
     }
 }
 

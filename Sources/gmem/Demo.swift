@@ -34,7 +34,8 @@ struct Demo: ParsableCommand {
 
             More: `gmem tour` (guest_memfd's rules, step by step), `gmem run scenarios/`
             (the conformance suite; `--backend both` beside the real kernel), `gmem compare`
-            (the design alternatives side by side), `gmem probe` (what this host offers).
+            (the design alternatives side by side), `gmem explore scenarios/explore/...` (races,
+            every interleaving), `gmem probe` (what this host offers).
             """)
         emit(ok ? "demo: every check held" : "demo: a check failed")
         if !ok { throw ExitCode(1) }

@@ -13,7 +13,7 @@ struct GMem: ParsableCommand {
             With no subcommand, gmem runs the demo: a confidential VM's I/O life end to end,
             on the model and, where /dev/kvm opens, on the real kernel.
             """,
-        subcommands: [Demo.self, Tour.self, Run.self, Probe.self, Compare.self],
+        subcommands: [Demo.self, Tour.self, Run.self, Explore.self, Probe.self, Compare.self],
         defaultSubcommand: Demo.self)
 }
 

@@ -1,4 +1,5 @@
 import GMemBackend
+import GMemScenario
 import Testing
 
 @testable import GMemModel
@@ -113,5 +114,52 @@ struct ExplorerTests {
         #expect(Schedule(parsing: "0.x") == nil)
         let r = e.replay(Schedule([1, 1]))
         #expect(r.trace.last?.actor == "schedule")
+    }
+}
+
+/// `gmem explore`'s files: setup steps, then actors whose programs are interleaved.
+@Suite("Explore files")
+struct ExploreFileTests {
+    static let files = ["fault-vs-punch", "fault-vs-to-shared"]
+
+    static func runner(_ name: String, _ mutants: Set<Mutant> = []) throws -> ExploreRunner {
+        let path = repositoryRoot + "/scenarios/explore/\(name).json"
+        var config = ModelConfig.mainline
+        config.mutants = mutants
+        let r = ExploreRunner(try ScenarioParser.parse(text: try #require(readFile(path)), file: path), config: config)
+        #expect(r.setupFailures.isEmpty)
+        return r
+    }
+
+    @Test("the shipped model: no violation under preemption bound 2", arguments: files)
+    func shippedModel(_ name: String) throws {
+        let s = try Self.runner(name).explorer.exhaustive(preemptionBound: 2)
+        #expect(s.counterexample == nil)
+        #expect(s.schedules == 4, "fault-write-op, fault-op-write, fault inside the window (retry), op first")
+    }
+
+    @Test("skip-fault-retry is caught with a replayable schedule", arguments: files)
+    func mutantCaught(_ name: String) throws {
+        let e = try Self.runner(name, [.skipFaultRetry]).explorer
+        let c = try #require(e.exhaustive(preemptionBound: 2).counterexample)
+        #expect(c.schedule == Schedule([0, 1, 0]))
+        #expect(c.trace.map(\.actor) == ["vcpu", "vmm", "vcpu"])
+        #expect(e.replay(c.schedule).violations == c.violations)
+    }
+
+    @Test("bad actor programs name the file, step and field", arguments: [
+        (#"{"name": "x", "steps": [], "actors": [{"name": "a", "program": [{"op": "guest_fault", "gpa": 1}]}]}"#, "field 'vcpu'"),
+        (#"{"name": "x", "steps": [], "actors": [{"name": "a", "program": [{"op": "guest_fault", "vcpu": "v", "gpa": 1}]}]}"#, "unknown handle name 'v'"),
+        (#"{"name": "x", "steps": [], "actors": [{"name": "a"}]}"#, "field 'actors[0]'"),
+        (#"{"name": "x", "steps": [], "actors": {}}"#, "field 'actors'"),
+        (#"{"name": "x", "steps": [{"op": "create_vm", "as": "vm"}], "actors": [{"name": "a", "program": [{"op": "create_vcpu", "vm": "vm", "as": "v"}, {"op": "guest_fault", "vcpu": "v", "gpa": 1, "speed": 2}]}]}"#, "step 2 (guest_fault): field 'speed'"),
+    ])
+    func badFiles(_ text: String, _ says: String) {
+        #expect(throws: ScenarioError.self) { _ = try ScenarioParser.parse(text: text, file: "f.json") }
+        do {
+            _ = try ScenarioParser.parse(text: text, file: "f.json")
+        } catch {
+            #expect("\(error)".contains("f.json") && "\(error)".contains(says), "\(error)")
+        }
     }
 }

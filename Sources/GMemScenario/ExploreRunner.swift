@@ -1,0 +1,74 @@
+import GMemBackend
+import GMemModel
+
+/// Builds an `Explorer` from a scenario with actors: the setup steps run once on the
+/// model, then each actor's program becomes explorer steps over the resulting world.
+/// Scenario steps in a program run atomically (their `expect` fields are ignored: in
+/// some interleavings a step rightly fails; the trace shows what it got); a
+/// `guest_fault` is two steps split where KVM drops mmu_lock.
+public final class ExploreRunner {
+    public let scenario: Scenario
+    let backend: ModelBackend
+    let runner: ScenarioRunner
+    /// The setup's failures; exploring a world the setup did not build means little.
+    public private(set) var setupFailures: [StepReport] = []
+    public private(set) var explorer: Explorer
+
+    public init(_ scenario: Scenario, config: ModelConfig = .mainline) {
+        self.scenario = scenario
+        backend = ModelBackend(config: config)
+        runner = ScenarioRunner(backend: backend)
+        var failures: [StepReport] = []
+        _ = runner.run(Scenario(file: scenario.file, name: scenario.name, requires: scenario.requires,
+                                binding: scenario.binding, steps: scenario.steps)) { r in
+            if r.status != .passed { failures.append(r) }
+        }
+        setupFailures = failures
+        explorer = Explorer(initial: World(kernel: backend.kernel), actors: [])
+        explorer.actors = scenario.actors.map(actor)
+    }
+
+    func actor(_ spec: ActorSpec) -> ExploreActor {
+        var steps: [ExploreStep] = []
+        for op in spec.program {
+            switch op {
+            case .step(let s):
+                steps.append(ExploreStep(s.opName) { [backend, runner] w, _ in
+                    backend.kernel = w.kernel
+                    let r = runner.run(s)
+                    w.kernel = backend.kernel
+                    return StepResult(Self.describe(r))
+                })
+            case .guestFault(let vcpu, let gpa, let write):
+                let resolve = steps.count
+                steps.append(ExploreStep("fault 0x\(String(gpa, radix: 16)): resolve") { [runner] w, a in
+                    guard let fd = try? runner.fd(vcpu) else { return StepResult("no vCPU '\(vcpu)'", next: .step(resolve + 2)) }
+                    switch Result(catching: { () throws(Errno) in try w.kernel.startFault(vcpu: fd.raw, gpa: gpa, write: write) }) {
+                    case .success(.pending(let f)):
+                        w.pending[a] = f
+                        return StepResult("resolved, mmu_invalidate_seq read")
+                    case .success(.mapped(let pfn)):
+                        return StepResult("SPTE present (pfn 0x\(String(pfn, radix: 16))): no fault", next: .step(resolve + 2))
+                    case .success(.stopped(let o)):
+                        return StepResult("KVM_RUN stopped: \(o)", next: .step(resolve + 2))
+                    case .failure(let e):
+                        return StepResult("\(e.name)", next: .step(resolve + 2))
+                    }
+                })
+                steps.append(ExploreStep("fault 0x\(String(gpa, radix: 16)): install") { w, a in
+                    guard let f = w.pending.removeValue(forKey: a) else { return StepResult("nothing to install") }
+                    return w.kernel.finishFault(f) ? StepResult("SPTE installed") : StepResult("stale: RET_PF_RETRY", next: .step(resolve))
+                })
+            }
+        }
+        return ExploreActor(spec.name, steps)
+    }
+
+    static func describe(_ r: StepReport) -> String {
+        guard let o = r.observation else { return r.message ?? r.status.rawValue }
+        var s = "\(o.result)"
+        if let b = o.bytes { s += " bytes " + b.prefix(8).map { String($0, radix: 16) }.joined(separator: " ") }
+        if let v = o.value { s += " " + v.rendered }
+        return s
+    }
+}

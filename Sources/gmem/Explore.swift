@@ -1,0 +1,109 @@
+import ArgumentParser
+import GMemBackend
+import GMemModel
+import GMemScenario
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+enum ExploreStrategy: String, ExpressibleByArgument, CaseIterable {
+    case exhaustive, random
+}
+
+struct Explore: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run a scenario's actors in every interleaving, checking the invariants after each step.",
+        discussion: """
+            The file's steps set the system up once; its actors' programs are then interleaved \
+            (docs/explorer.md). A violation prints the schedule, the labelled trace and the command \
+            that replays it. Exit status: 0 no violation; 1 a violation or livelock; 2 the file is \
+            not valid or its setup failed.
+            """)
+
+    @Option(help: "exhaustive (depth-first, bounded preemptions) or random (seeded).")
+    var strategy: ExploreStrategy = .exhaustive
+
+    @Option(name: .customLong("preemption-bound"), help: "Most preemptions per schedule (exhaustive).")
+    var preemptionBound = 2
+
+    @Option(help: "Seed for random schedules.")
+    var seed: UInt64 = 1
+
+    @Option(help: "How many random schedules.")
+    var schedules = 1000
+
+    @Option(help: "Run exactly this schedule (actor indices joined by dots, as a violation prints it).")
+    var replay: String?
+
+    @Option(name: .customLong("model-config"), help: "mainline, next or pvm-host.")
+    var modelConfig: ModelProfile = .mainline
+
+    @Option(name: .customLong("mutant"), help: "A deliberate bug (\(Mutant.allCases.map(\.rawValue).joined(separator: ", "))); repeatable.")
+    var mutants: [Mutant] = []
+
+    @Argument(help: "A scenario file with actors.")
+    var file: String
+
+    func run() throws {
+        let scenario: Scenario
+        switch readTextFile(file) {
+        case .failure(let p):
+            emitError("\(file): cannot read: \(p.message)")
+            throw ExitCode(2)
+        case .success(let text):
+            do { scenario = try ScenarioParser.parse(text: text, file: file) } catch {
+                emitError("\(error)")
+                throw ExitCode(2)
+            }
+        }
+        guard !scenario.actors.isEmpty else {
+            emitError("\(file): field 'actors': missing or empty (gmem explore needs actors to interleave)")
+            throw ExitCode(2)
+        }
+        var config = modelConfig.config
+        config.mutants = Set(mutants)
+        let r = ExploreRunner(scenario, config: config)
+        for f in r.setupFailures {
+            emitError("\(file): step \(f.index) (\(f.op)): setup failed: \(f.message ?? f.status.rawValue)")
+        }
+        if !r.setupFailures.isEmpty { throw ExitCode(2) }
+        let e = r.explorer
+        print("\(scenario.name): \(e.actors.count) actors (\(e.actors.map { "\($0.name): \($0.steps.count) steps" }.joined(separator: ", ")))")
+
+        if let text = replay {
+            guard let schedule = Schedule(parsing: text) else {
+                emitError("--replay: expected actor indices joined by dots, such as 0.1.0, got \"\(text)\"")
+                throw ExitCode(2)
+            }
+            let result = e.replay(schedule)
+            print("replay \(schedule):")
+            for t in result.trace { print("  \(t)") }
+            for v in result.violations { print("  VIOLATION \(v)") }
+            if !result.violations.isEmpty { throw ExitCode(1) }
+            print("  no violation")
+            return
+        }
+
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        let t0 = Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+        let summary = strategy == .exhaustive ? e.exhaustive(preemptionBound: preemptionBound) : e.random(seed: seed, count: schedules)
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        let seconds = Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9 - t0
+        let how = strategy == .exhaustive ? "exhaustive, preemption bound \(preemptionBound)" : "random, seed \(seed)"
+        print("\(how): \(summary.schedules) schedules, \(summary.states) distinct states, \(summary.steps) steps in \((seconds * 1000).rounded() / 1000) s (\(Int(Double(summary.steps) / max(seconds, 1e-9))) steps/s)")
+        guard let c = summary.counterexample else {
+            print("no violation")
+            return
+        }
+        print(c.livelock ? "LIVELOCK: schedule \(c.schedule) reached the step bound" : "VIOLATION: schedule \(c.schedule)")
+        for t in c.trace { print("  \(t)") }
+        for v in c.violations { print("  \(v)") }
+        let mutantFlags = mutants.map { " --mutant \($0.rawValue)" }.joined()
+        print("replay: gmem explore\(mutantFlags) --replay \(c.schedule) \(file)")
+        throw ExitCode(1)
+    }
+}
