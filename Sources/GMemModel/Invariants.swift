@@ -29,10 +29,14 @@ public enum Mutant: String, CaseIterable, Hashable, Sendable {
     /// A fault installs the SPTE it resolved without rechecking mmu_invalidate_seq
     /// (is_page_fault_stale()), so an invalidation that ran while it resolved is lost.
     case skipFaultRetry = "skip-fault-retry"
+    /// GUP-fast keeps the pin it took without rechecking that the PTE it read is
+    /// still there (gup_fast_pte_range()'s recheck), so a conversion that unmapped the
+    /// page and found no extra reference is followed by a pin on a private page.
+    case gupFastSkipRecheck = "gup-fast-skip-recheck"
 
     /// Mutants that only a race shows: no sequential scenario can catch them, the
     /// explorer does (an operation must run between two steps of another).
-    public var needsInterleaving: Bool { self == .skipFaultRetry }
+    public var needsInterleaving: Bool { self == .skipFaultRetry || self == .gupFastSkipRecheck }
 }
 
 extension Kernel {

@@ -59,6 +59,32 @@ public final class ExploreRunner {
                     guard let f = w.pending.removeValue(forKey: a) else { return StepResult("nothing to install") }
                     return w.kernel.finishFault(f) ? StepResult("SPTE installed") : StepResult("stale: RET_PF_RETRY", next: .step(resolve))
                 })
+            case .gupFastPin(let map, let offset):
+                let walk = steps.count
+                let done = walk + 3
+                steps.append(ExploreStep("GUP-fast \(map)+0x\(String(offset, radix: 16)): walk") { [runner] w, a in
+                    guard let m = try? runner.mapping(map) else { return StepResult("no mapping '\(map)'", next: .step(done)) }
+                    guard let g = w.kernel.gupFastWalk(address: m.address + offset) else {
+                        return StepResult("no PTE: GUP-fast falls back to the slow path", next: .step(done))
+                    }
+                    w.gupFast[a] = g
+                    return StepResult("read the PTE without locks")
+                })
+                steps.append(ExploreStep("GUP-fast \(map)+0x\(String(offset, radix: 16)): grab") { w, a in
+                    guard var g = w.gupFast[a] else { return StepResult("nothing walked", next: .step(done)) }
+                    if !w.kernel.gupFastGrab(&g) {
+                        w.gupFast[a] = nil
+                        return StepResult("folio freed: try_grab_folio_fast failed", next: .step(done))
+                    }
+                    w.gupFast[a] = g
+                    return StepResult("pinned the folio the PTE named")
+                })
+                steps.append(ExploreStep("GUP-fast \(map)+0x\(String(offset, radix: 16)): recheck") { w, a in
+                    guard let g = w.gupFast.removeValue(forKey: a) else { return StepResult("nothing grabbed") }
+                    guard let id = w.kernel.gupFastRecheck(g) else { return StepResult("PTE changed: unpinned, GUP-fast fails") }
+                    w.registers[a] = id
+                    return StepResult("recheck passed: pin \(id) stands")
+                })
             }
         }
         return ExploreActor(spec.name, steps)

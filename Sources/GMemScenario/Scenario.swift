@@ -181,6 +181,9 @@ public enum ActorOp: Hashable, Sendable {
     case step(Step)
     /// A stage-2 fault split at mmu_lock: resolve, then install or retry.
     case guestFault(vcpu: Ref, gpa: UInt64, write: Bool)
+    /// pin_user_pages_fast() of one page of a mapping, split at its lockless steps:
+    /// walk, grab, recheck.
+    case gupFastPin(map: String, offset: UInt64)
 }
 
 /// Why a scenario file is not valid: the file, the step and the field, and what was

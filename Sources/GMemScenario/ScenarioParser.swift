@@ -121,6 +121,8 @@ public enum ScenarioParser {
                 var reader = StepReader(obj: obj, file: file, index: index, names: own)
                 if case .string("guest_fault")? = obj["op"] {
                     ops.append(try reader.readGuestFault())
+                } else if case .string("pin_user_pages_fast")? = obj["op"] {
+                    ops.append(try reader.readGUPFast())
                 } else {
                     let step = try reader.readStep()
                     if let n = step.name, let kind = step.op.produces { own[n] = kind }
@@ -145,6 +147,18 @@ extension StepReader {
         _ = try string("comment")
         try finish()
         return .guestFault(vcpu: vcpu, gpa: gpa, write: write)
+    }
+
+    /// `{"op": "pin_user_pages_fast", "map", "offset"?}`: GUP-fast of one page, in
+    /// three explorer steps (walk the PTE, grab the pin, recheck the PTE).
+    mutating func readGUPFast() throws(ScenarioError) -> ActorOp {
+        op = "pin_user_pages_fast"
+        guard case .name(let map) = try ref("map", kind: .map) else { throw fail("map", "expected a mapping name") }
+        let offset = try optionalNumber("offset") ?? 0
+        if offset % UAPI.pageSize != 0 { throw fail("offset", "expected a multiple of 4K") }
+        _ = try string("comment")
+        try finish()
+        return .gupFastPin(map: map, offset: offset)
     }
 }
 

@@ -120,7 +120,13 @@ struct ExplorerTests {
 /// `gmem explore`'s files: setup steps, then actors whose programs are interleaved.
 @Suite("Explore files")
 struct ExploreFileTests {
-    static let files = ["fault-vs-punch", "fault-vs-to-shared"]
+    static let files = ["fault-vs-punch", "fault-vs-to-shared", "gup-fast-vs-to-private"]
+    /// The interleaving-only mutant each file exists to catch, and the schedule that shows it.
+    static let catches: [String: (Mutant, Schedule)] = [
+        "fault-vs-punch": (.skipFaultRetry, Schedule([0, 1, 0])),
+        "fault-vs-to-shared": (.skipFaultRetry, Schedule([0, 1, 0])),
+        "gup-fast-vs-to-private": (.gupFastSkipRecheck, Schedule([0, 1, 0, 0])),
+    ]
 
     static func runner(_ name: String, _ mutants: Set<Mutant> = []) throws -> ExploreRunner {
         let path = repositoryRoot + "/scenarios/explore/\(name).json"
@@ -135,16 +141,31 @@ struct ExploreFileTests {
     func shippedModel(_ name: String) throws {
         let s = try Self.runner(name).explorer.exhaustive(preemptionBound: 2)
         #expect(s.counterexample == nil)
-        #expect(s.schedules == 4, "fault-write-op, fault-op-write, fault inside the window (retry), op first")
+        #expect(s.schedules == 4, "the other actor before, inside or after the split operation's window")
     }
 
-    @Test("skip-fault-retry is caught with a replayable schedule", arguments: files)
+    @Test("each interleaving-only mutant is caught with a replayable schedule", arguments: files)
     func mutantCaught(_ name: String) throws {
-        let e = try Self.runner(name, [.skipFaultRetry]).explorer
+        let (mutant, schedule) = try #require(Self.catches[name])
+        let e = try Self.runner(name, [mutant]).explorer
         let c = try #require(e.exhaustive(preemptionBound: 2).counterexample)
-        #expect(c.schedule == Schedule([0, 1, 0]))
-        #expect(c.trace.map(\.actor) == ["vcpu", "vmm", "vcpu"])
+        #expect(c.schedule == schedule)
         #expect(e.replay(c.schedule).violations == c.violations)
+    }
+
+    @Test func everyInterleavingOnlyMutantHasAFile() {
+        let covered = Set(Self.catches.values.map(\.0))
+        #expect(covered == Set(Mutant.allCases.filter(\.needsInterleaving)))
+    }
+
+    /// Pin first, and the conversion sees the pin: EAGAIN, nothing private is pinned.
+    @Test func aPinThatWinsMakesTheConversionFail() throws {
+        let e = try Self.runner("gup-fast-vs-to-private").explorer
+        let r = e.replay(Schedule([0, 0, 0, 1]))
+        #expect(r.violations.isEmpty)
+        #expect(r.trace.last?.saw.hasPrefix("EAGAIN") == true, "\(r.trace)")
+        let late = e.replay(Schedule([0, 1, 0, 0]))
+        #expect(late.trace.last?.saw == "PTE changed: unpinned, GUP-fast fails")
     }
 
     @Test("bad actor programs name the file, step and field", arguments: [

@@ -6,6 +6,8 @@ public struct World: Hashable {
     public var kernel: Kernel
     /// A paused fault per actor index.
     public var pending: [Int: PendingFault] = [:]
+    /// A paused GUP-fast per actor index.
+    public var gupFast: [Int: PendingGUPFast] = [:]
     /// Per-actor registers (ids and results a later step needs).
     public var registers: [Int: UInt64] = [:]
 
