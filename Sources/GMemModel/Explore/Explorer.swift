@@ -94,6 +94,7 @@ public struct ExploreSummary: Sendable {
     /// Steps executed, over all schedules.
     public var steps = 0
     public var counterexample: Counterexample?
+    public init() {}
 }
 
 /// Runs actors' steps in every order a strategy picks, checking the invariants after

@@ -1,0 +1,85 @@
+import GMemBackend
+import GMemModel
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The explorer's throughput: steps, schedules and distinct states per second on a
+/// race with three actors (a vCPU faulting and writing four pages, a VMM punching two
+/// of them, another VMM thread flipping one to shared), exhaustive with preemption
+/// bound 2 and random.
+func explorerBenchmarks() {
+    if let only = getenv("GMEM_BENCH_ONLY").map({ String(cString: $0) }), !"explorer".contains(only) { return }
+    print("")
+    print("the explorer (3 actors, 15 steps, every invariant checked after each step), median of \(runs) runs:")
+    let base: UInt64 = 1 << 30
+    var k = Kernel()
+    let vm = try! k.createVM(type: VMType.swProtected.number)
+    let gmem = try! k.createGuestMemfd(on: vm, size: 16 * K, flags: 0)
+    try! k.setUserMemoryRegion2(vm: vm, UserMemoryRegion2(
+        slot: 0, flags: UAPI.KVM_MEM_GUEST_MEMFD, guestPhysAddr: base, memorySize: 16 * K, userspaceAddr: 0, guestMemfd: UInt32(gmem)))
+    _ = try! k.setMemoryAttributes(vm: vm, address: base, size: 16 * K, attributes: UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE, flags: 0)
+    try! k.fallocate(gmem, mode: UAPI.FALLOC_FL_KEEP_SIZE, offset: 0, length: 16 * K)
+    let vcpu = try! k.createVCPU(vm: vm, id: 0)
+
+    var vcpuSteps: [ExploreStep] = []
+    for page in 0..<UInt64(4) {
+        let gpa = base + page * 4 * K
+        let resolve = vcpuSteps.count
+        vcpuSteps.append(ExploreStep("fault \(page)") { w, a in
+            if case .pending(let f)? = try? w.kernel.startFault(vcpu: vcpu, gpa: gpa, write: true) {
+                w.pending[a] = f
+                return StepResult("resolved")
+            }
+            return StepResult("no fault", next: .step(resolve + 2))
+        })
+        vcpuSteps.append(ExploreStep("install \(page)") { w, a in
+            guard let f = w.pending.removeValue(forKey: a) else { return StepResult("none") }
+            return w.kernel.finishFault(f) ? StepResult("installed") : StepResult("retry", next: .step(resolve))
+        })
+        vcpuSteps.append(ExploreStep("write \(page)") { w, _ in
+            _ = try? w.kernel.guestAccess(vcpu: vcpu, GuestAccess(gpa: gpa, kind: .write([0x5a])))
+            return StepResult("written")
+        })
+    }
+    let punch = ExploreActor("punch", [1, 3].map { page in
+        ExploreStep("punch \(page)") { w, _ in
+            try? w.kernel.fallocate(gmem, mode: UAPI.FALLOC_FL_PUNCH_HOLE | UAPI.FALLOC_FL_KEEP_SIZE, offset: UInt64(page) * 4 * K, length: 4 * K)
+            return StepResult("punched")
+        }
+    })
+    let share = ExploreActor("share", [ExploreStep("to shared 2") { w, _ in
+        _ = try? w.kernel.setMemoryAttributes(vm: vm, address: base + 8 * K, size: 4 * K, attributes: 0, flags: 0)
+        return StepResult("shared")
+    }])
+    let e = Explorer(initial: World(kernel: k), actors: [ExploreActor("vcpu", vcpuSteps), punch, share])
+
+    var last = ExploreSummary()
+    var seconds: [Double] = []
+    for _ in 0..<runs {
+        let t0 = now()
+        last = e.exhaustive(preemptionBound: 2)
+        seconds.append(now() - t0)
+    }
+    seconds.sort()
+    let t = seconds[seconds.count / 2]
+    precondition(last.counterexample == nil, "the shipped model broke an invariant under exploration")
+    print("exhaustive, preemption bound 2: \(last.schedules) schedules, \(last.states) distinct states, \(last.steps) steps")
+    report("  time", t * 1e3, seconds.first! * 1e3, seconds.last! * 1e3, "ms")
+    report("  steps per second", Double(last.steps) / t, Double(last.steps) / seconds.last!, Double(last.steps) / seconds.first!, "steps/s")
+    report("  schedules per second", Double(last.schedules) / t, Double(last.schedules) / seconds.last!, Double(last.schedules) / seconds.first!, "sched/s")
+
+    var r = ExploreSummary()
+    seconds = []
+    for _ in 0..<runs {
+        let t0 = now()
+        r = e.random(seed: 1, count: 2_000)
+        seconds.append(now() - t0)
+    }
+    seconds.sort()
+    let rt = seconds[seconds.count / 2]
+    print("random, 2,000 schedules: \(r.states) distinct states, \(r.steps) steps")
+    report("  steps per second", Double(r.steps) / rt, Double(r.steps) / seconds.last!, Double(r.steps) / seconds.first!, "steps/s")
+    report("  schedules per second", Double(r.schedules) / rt, Double(r.schedules) / seconds.last!, Double(r.schedules) / seconds.first!, "sched/s")
+}
