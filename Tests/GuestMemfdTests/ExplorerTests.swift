@@ -109,6 +109,20 @@ struct ExplorerTests {
         #expect(r.trace.last?.step == "guest write")
     }
 
+    @Test func failingSchedulesAreShrunk() throws {
+        var config = ModelConfig.mainline
+        config.mutants = [.skipFaultRetry]
+        let (w, vcpu, gmem, _) = try Self.world(config)
+        let noise = ExploreActor("noise", (0..<3).map { i in ExploreStep("nop \(i)") { _, _ in StepResult("nothing") } })
+        let e = Explorer(initial: w, actors: [Self.vcpu(vcpu), Self.punch(gmem), noise])
+        let long = Schedule([2, 0, 2, 1, 2, 0, 0])
+        let r = e.replay(long)
+        #expect(!r.violations.isEmpty)
+        let c = e.shrink(Counterexample(schedule: long, trace: r.trace, violations: r.violations, livelock: false))
+        #expect(c.schedule == Schedule([0, 1, 0]))
+        #expect(e.replay(c.schedule).violations == c.violations)
+    }
+
     @Test func badSchedulesEndWithANote() throws {
         let e = try Self.explorer(.punch, .mainline)
         #expect(Schedule(parsing: "0.x") == nil)

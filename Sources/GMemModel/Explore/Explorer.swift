@@ -166,7 +166,7 @@ public struct Explorer {
                 let violations = q.world.kernel.checkSystemInvariants()
                 if !violations.isEmpty {
                     summary.schedules += 1
-                    summary.counterexample = Counterexample(schedule: Schedule(schedule), trace: trace, violations: violations, livelock: false)
+                    summary.counterexample = shrink(Counterexample(schedule: Schedule(schedule), trace: trace, violations: violations, livelock: false))
                     return true
                 }
                 if let before = seen[q], before <= spent + cost { continue }
@@ -221,7 +221,7 @@ public struct Explorer {
                     summary.schedules += 1
                     summary.states = seen.count
                     let r = replay(Schedule(schedule))
-                    summary.counterexample = Counterexample(schedule: Schedule(schedule), trace: r.trace, violations: r.violations, livelock: false)
+                    summary.counterexample = shrink(Counterexample(schedule: Schedule(schedule), trace: r.trace, violations: r.violations, livelock: false))
                     return summary
                 }
             }
@@ -229,6 +229,44 @@ public struct Explorer {
         }
         summary.states = seen.count
         return summary
+    }
+
+    /// A shorter schedule with fewer context switches that still breaks an invariant:
+    /// drops steps and swaps neighbouring steps of different actors while the replay
+    /// still fails, until neither helps. Livelocks are returned as they are.
+    ///
+    /// - Complexity: O(n²) replays per pass for a schedule of n steps.
+    public func shrink(_ c: Counterexample) -> Counterexample {
+        guard !c.livelock else { return c }
+        func switches(_ s: [Int]) -> Int { zip(s, s.dropFirst()).filter { $0 != $1 }.count }
+        func fails(_ s: [Int]) -> (trace: [TraceEntry], violations: [Violation])? {
+            let r = replay(Schedule(s))
+            return r.violations.isEmpty ? nil : (r.trace, r.violations)
+        }
+        var best = c.schedule.actors
+        var bestRun = (trace: c.trace, violations: c.violations)
+        // Replay stops at the first violation: anything after it is noise.
+        if let r = fails(best) { best = Array(best.prefix(r.trace.count)); bestRun = r }
+        var improved = true
+        while improved {
+            improved = false
+            for i in best.indices.reversed() where i < best.count {
+                var s = best
+                s.remove(at: i)
+                if let r = fails(s) {
+                    (best, bestRun, improved) = (Array(s.prefix(r.trace.count)), r, true)
+                }
+            }
+            for i in best.indices.dropLast() where best[i] != best[i + 1] {
+                var s = best
+                s.swapAt(i, i + 1)
+                if switches(s) < switches(best), let r = fails(s) {
+                    (best, bestRun, improved) = (Array(s.prefix(r.trace.count)), r, true)
+                    break
+                }
+            }
+        }
+        return Counterexample(schedule: Schedule(best), trace: bestRun.trace, violations: bestRun.violations, livelock: false)
     }
 
     /// Runs exactly `schedule`, stopping at the first violation; an index that names no
