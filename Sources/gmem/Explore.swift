@@ -44,6 +44,9 @@ struct Explore: ParsableCommand {
     @Option(name: .customLong("mutant"), help: "A deliberate bug (\(Mutant.allCases.map(\.rawValue).joined(separator: ", "))); repeatable.")
     var mutants: [Mutant] = []
 
+    @Option(help: "Print progress to stderr every this many steps (0: never).")
+    var progress = 100_000
+
     @Argument(help: "A scenario file with actors.")
     var file: String
 
@@ -70,7 +73,11 @@ struct Explore: ParsableCommand {
             emitError("\(file): step \(f.index) (\(f.op)): setup failed: \(f.message ?? f.status.rawValue)")
         }
         if !r.setupFailures.isEmpty { throw ExitCode(2) }
-        let e = r.explorer
+        var e = r.explorer
+        if progress > 0 {
+            e.progressEvery = progress
+            e.onProgress = { s in emitError("  ... \(s.steps) steps, \(s.schedules) schedules, \(s.states) distinct states") }
+        }
         print("\(scenario.name): \(e.actors.count) actors (\(e.actors.map { "\($0.name): \($0.steps.count) steps" }.joined(separator: ", ")))")
 
         if let text = replay {

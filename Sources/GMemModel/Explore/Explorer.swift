@@ -104,6 +104,9 @@ public struct Explorer {
     public var actors: [ExploreActor]
     /// Steps one schedule may take before it counts as a livelock.
     public var stepBound = 1_000
+    /// Called every `progressEvery` steps with the summary so far (long runs).
+    public var onProgress: ((ExploreSummary) -> Void)?
+    public var progressEvery = 100_000
 
     public init(initial: World, actors: [ExploreActor]) {
         self.initial = initial
@@ -157,6 +160,10 @@ public struct Explorer {
                 var q = p
                 let entry = step(&q, a)
                 summary.steps += 1
+                if progressEvery > 0, summary.steps % progressEvery == 0 {
+                    summary.states = seen.count
+                    onProgress?(summary)
+                }
                 schedule.append(a)
                 trace.append(entry)
                 defer {
@@ -216,6 +223,10 @@ public struct Explorer {
                 _ = step(&p, a)
                 schedule.append(a)
                 summary.steps += 1
+                if progressEvery > 0, summary.steps % progressEvery == 0 {
+                    summary.states = seen.count
+                    onProgress?(summary)
+                }
                 seen.insert(p)
                 if !p.world.kernel.checkSystemInvariants().isEmpty {
                     summary.schedules += 1
