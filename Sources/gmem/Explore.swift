@@ -10,7 +10,7 @@ import Darwin
 #endif
 
 enum ExploreStrategy: String, ExpressibleByArgument, CaseIterable {
-    case exhaustive, random
+    case exhaustive, random, pct
 }
 
 struct Explore: ParsableCommand {
@@ -23,7 +23,7 @@ struct Explore: ParsableCommand {
             not valid or its setup failed.
             """)
 
-    @Option(help: "exhaustive (depth-first, bounded preemptions) or random (seeded).")
+    @Option(help: "exhaustive (depth-first, bounded preemptions), random (seeded) or pct (seeded, with --depth).")
     var strategy: ExploreStrategy = .exhaustive
 
     @Option(name: .customLong("preemption-bound"), help: "Most preemptions per schedule (exhaustive).")
@@ -32,8 +32,11 @@ struct Explore: ParsableCommand {
     @Option(help: "Seed for random schedules.")
     var seed: UInt64 = 1
 
-    @Option(help: "How many random schedules.")
+    @Option(help: "How many random or PCT schedules.")
     var schedules = 1000
+
+    @Option(help: "PCT's bug depth: how many ordering constraints the bug needs (priority change points + 1).")
+    var depth = 3
 
     @Option(help: "Run exactly this schedule (actor indices joined by dots, as a violation prints it).")
     var replay: String?
@@ -97,10 +100,22 @@ struct Explore: ParsableCommand {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
         let t0 = Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-        let summary = strategy == .exhaustive ? e.exhaustive(preemptionBound: preemptionBound) : e.random(seed: seed, count: schedules)
+        if depth < 1 {
+            emitError("--depth: expected at least 1, got \(depth)")
+            throw ExitCode(2)
+        }
+        let summary = switch strategy {
+        case .exhaustive: e.exhaustive(preemptionBound: preemptionBound)
+        case .random: e.random(seed: seed, count: schedules)
+        case .pct: e.pct(seed: seed, depth: depth, count: schedules)
+        }
         clock_gettime(CLOCK_MONOTONIC, &ts)
         let seconds = Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9 - t0
-        let how = strategy == .exhaustive ? "exhaustive, preemption bound \(preemptionBound)" : "random, seed \(seed)"
+        let how = switch strategy {
+        case .exhaustive: "exhaustive, preemption bound \(preemptionBound)"
+        case .random: "random, seed \(seed)"
+        case .pct: "PCT, depth \(depth), seed \(seed)"
+        }
         print("\(how): \(summary.schedules) schedules, \(summary.states) distinct states, \(summary.steps) steps in \((seconds * 1000).rounded() / 1000) s (\(Int(Double(summary.steps) / max(seconds, 1e-9))) steps/s)")
         guard let c = summary.counterexample else {
             print("no violation")

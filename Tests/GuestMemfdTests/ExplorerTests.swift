@@ -167,6 +167,17 @@ struct ExploreFileTests {
         #expect(e.replay(c.schedule).violations == c.violations)
     }
 
+    @Test("PCT finds each mutant too, the same way for the same seed", arguments: files)
+    func pctFindsTheMutant(_ name: String) throws {
+        let (mutant, schedule) = try #require(Self.catches[name])
+        let e = try Self.runner(name, [mutant]).explorer
+        let a = e.pct(seed: 11, depth: 2, count: 500), b = e.pct(seed: 11, depth: 2, count: 500)
+        #expect(a.counterexample?.schedule == schedule)
+        #expect(a.schedules == b.schedules && a.steps == b.steps)
+        let clean = try Self.runner(name).explorer.pct(seed: 11, depth: 2, count: 200)
+        #expect(clean.counterexample == nil && clean.schedules == 200)
+    }
+
     @Test func everyInterleavingOnlyMutantHasAFile() {
         let covered = Set(Self.catches.values.map(\.0))
         #expect(covered == Set(Mutant.allCases.filter(\.needsInterleaving)))

@@ -198,17 +198,41 @@ public struct Explorer {
     /// `count` schedules picked uniformly at random at each step, from `seed`
     /// (SplitMix64, so a seed names the same schedules on every machine).
     public func random(seed: UInt64, count: Int) -> ExploreSummary {
-        var summary = ExploreSummary()
-        var rng = seed
-        func next() -> UInt64 {
-            rng &+= 0x9E37_79B9_7F4A_7C15
-            var z = rng
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
+        var rng = SplitMix64(seed: seed)
+        return sample(count: count, start: {}) { ready, _ in ready[Int(rng.next() % UInt64(ready.count))] }
+    }
+
+    /// Probabilistic concurrency testing (Burckhardt et al., ASPLOS 2010): each
+    /// schedule gives the actors random distinct priorities and picks `depth - 1`
+    /// random change points among the steps; the highest-priority actor that can run
+    /// runs, and at the i-th change point the running actor drops to priority i. A bug
+    /// that needs `depth` ordering constraints is found with probability at least
+    /// 1/(actors * steps^(depth-1)) per schedule.
+    public func pct(seed: UInt64, depth: Int, count: Int) -> ExploreSummary {
+        var rng = SplitMix64(seed: seed)
+        let steps = max(1, actors.reduce(0) { $0 + $1.steps.count })
+        var priority: [Int] = []
+        var changes: [Int: Int] = [:]
+        return sample(count: count, start: {
+            // Priorities depth ..< depth + actors, shuffled; change points get 1 ..< depth.
+            priority = Array(depth..<(depth + actors.count))
+            for i in priority.indices.reversed() where i > 0 { priority.swapAt(i, Int(rng.next() % UInt64(i + 1))) }
+            changes = [:]
+            for i in 1..<max(1, depth) { changes[Int(rng.next() % UInt64(steps))] = depth - i }
+        }) { ready, k in
+            let a = ready.max { priority[$0] < priority[$1] }!
+            if let low = changes[k] { priority[a] = low }
+            return ready.max { priority[$0] < priority[$1] }!
         }
+    }
+
+    /// Runs `count` schedules, each begun with `start()`, choosing at each step with
+    /// `pick(enabled actors, step number)`; stops at the first violation or livelock.
+    func sample(count: Int, start: () -> Void, pick: ([Int], Int) -> Int) -> ExploreSummary {
+        var summary = ExploreSummary()
         var seen: Set<Position> = []
         for _ in 0..<count {
+            start()
             var p = Position(world: initial, pcs: actors.map { _ in 0 })
             var schedule: [Int] = []
             while true {
@@ -219,7 +243,7 @@ public struct Explorer {
                     summary.counterexample = Counterexample(schedule: Schedule(schedule), trace: r.trace, violations: [], livelock: true)
                     return summary
                 }
-                let a = ready[Int(next() % UInt64(ready.count))]
+                let a = pick(ready, schedule.count)
                 _ = step(&p, a)
                 schedule.append(a)
                 summary.steps += 1
@@ -295,5 +319,18 @@ public struct Explorer {
             if !v.isEmpty { return (trace, v, p.world) }
         }
         return (trace, [], p.world)
+    }
+}
+
+/// SplitMix64: a seed names the same sequence on every machine.
+struct SplitMix64 {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
     }
 }
