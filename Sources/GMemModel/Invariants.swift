@@ -33,10 +33,13 @@ public enum Mutant: String, CaseIterable, Hashable, Sendable {
     /// still there (gup_fast_pte_range()'s recheck), so a conversion that unmapped the
     /// page and found no extra reference is followed by a pin on a private page.
     case gupFastSkipRecheck = "gup-fast-skip-recheck"
+    /// In-place to-private drops filemap_invalidate_lock between its refcount check
+    /// and the flip, so a host fault can map the page in between.
+    case conversionDropsInvalidateLock = "conversion-drops-invalidate-lock"
 
     /// Mutants that only a race shows: no sequential scenario can catch them, the
     /// explorer does (an operation must run between two steps of another).
-    public var needsInterleaving: Bool { self == .skipFaultRetry || self == .gupFastSkipRecheck }
+    public var needsInterleaving: Bool { [.skipFaultRetry, .gupFastSkipRecheck, .conversionDropsInvalidateLock].contains(self) }
 }
 
 extension Kernel {

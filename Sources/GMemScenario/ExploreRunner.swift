@@ -33,7 +33,11 @@ public final class ExploreRunner {
         for op in spec.program {
             switch op {
             case .step(let s):
-                steps.append(ExploreStep(s.opName) { [backend, runner] w, _ in
+                if case .convert(let fd, let offset, let size, true) = s.op {
+                    steps += splitToPrivate(fd, offset: offset, size: size)
+                    continue
+                }
+                steps.append(ExploreStep(s.opName, blocked: hostFaultBlocks(s.op)) { [backend, runner] w, _ in
                     backend.kernel = w.kernel
                     let r = runner.run(s)
                     w.kernel = backend.kernel
@@ -88,6 +92,45 @@ public final class ExploreRunner {
             }
         }
         return ExploreActor(spec.name, steps)
+    }
+
+    /// A host access that must fault sleeps while a conversion holds the file's
+    /// filemap_invalidate_lock (kvm_gmem_fault_user_mapping() takes it shared).
+    func hostFaultBlocks(_ op: Op) -> ((World) -> Bool)? {
+        let (map, offset, write): (String, UInt64, Bool)
+        switch op {
+        case .hostRead(let m, let o, _): (map, offset, write) = (m, o, false)
+        case .hostWrite(let m, let o, _): (map, offset, write) = (m, o, true)
+        default: return nil
+        }
+        return { [runner] w in
+            guard let m = try? runner.mapping(map) else { return false }
+            return w.kernel.hostFaultWouldBlock(address: m.address + offset, write: write)
+        }
+    }
+
+    /// In-place to-private in the two steps the explorer can interleave others
+    /// between: unmap and refcount check (taking filemap_invalidate_lock), then the
+    /// flip (releasing it). Lockless actors (GUP-fast, guest faults) run in between;
+    /// host faults on the file wait.
+    func splitToPrivate(_ fd: Ref, offset: UInt64, size: UInt64) -> [ExploreStep] {
+        [
+            ExploreStep("convert to private: unmap, refcount check") { [runner] w, a in
+                guard let f = try? runner.fd(fd) else { return StepResult("no file '\(fd)'", next: .step(Int.max)) }
+                let (pending, outcome) = w.kernel.beginToPrivate(f.raw, offset: offset, size: size)
+                guard let pending else {
+                    let what = outcome.errno.map { "\($0.name) at offset 0x\(String(outcome.errorOffset, radix: 16))" } ?? "nothing to do"
+                    return StepResult(what, next: .step(Int.max))
+                }
+                w.conversions[a] = pending
+                return StepResult("checked; filemap_invalidate_lock held")
+            },
+            ExploreStep("convert to private: flip") { w, a in
+                guard let p = w.conversions.removeValue(forKey: a) else { return StepResult("nothing pending") }
+                w.kernel.commitToPrivate(p)
+                return StepResult("private; lock released")
+            },
+        ]
     }
 
     static func describe(_ r: StepReport) -> String {

@@ -121,7 +121,8 @@ struct Explore: ParsableCommand {
             print("no violation")
             return
         }
-        print(c.livelock ? "LIVELOCK: schedule \(c.schedule) reached the step bound" : "VIOLATION: schedule \(c.schedule)")
+        print(c.livelock ? "LIVELOCK: schedule \(c.schedule) reached the step bound"
+              : c.deadlock ? "DEADLOCK: schedule \(c.schedule) leaves every remaining actor blocked" : "VIOLATION: schedule \(c.schedule)")
         for t in c.trace { print("  \(t)") }
         for v in c.violations { print("  \(v)") }
         let mutantFlags = mutants.map { " --mutant \($0.rawValue)" }.joined()

@@ -8,6 +8,8 @@ public struct World: Hashable {
     public var pending: [Int: PendingFault] = [:]
     /// A paused GUP-fast per actor index.
     public var gupFast: [Int: PendingGUPFast] = [:]
+    /// A conversion between its check and its flip, per actor index.
+    public var conversions: [Int: PendingConversion] = [:]
     /// Per-actor registers (ids and results a later step needs).
     public var registers: [Int: UInt64] = [:]
 
@@ -35,8 +37,11 @@ public struct StepResult: Sendable {
 public struct ExploreStep {
     public var label: String
     public var run: (inout World, _ actor: Int) -> StepResult
-    public init(_ label: String, _ run: @escaping (inout World, _ actor: Int) -> StepResult) {
+    /// The step would sleep now (on a lock another actor holds): not runnable.
+    public var blocked: ((World) -> Bool)?
+    public init(_ label: String, blocked: ((World) -> Bool)? = nil, _ run: @escaping (inout World, _ actor: Int) -> StepResult) {
         self.label = label
+        self.blocked = blocked
         self.run = run
     }
 }
@@ -83,6 +88,8 @@ public struct Counterexample: Sendable {
     public var violations: [Violation]
     /// The schedule hit the step bound: some actor keeps retrying (livelock).
     public var livelock: Bool
+    /// Actors with steps left, all blocked (deadlock).
+    public var deadlock = false
 }
 
 /// What an exploration covered.
@@ -119,7 +126,14 @@ public struct Explorer {
         var pcs: [Int]
     }
 
-    func enabled(_ pcs: [Int]) -> [Int] { actors.indices.filter { pcs[$0] < actors[$0].steps.count } }
+    /// Actors whose next step can run now.
+    func enabled(_ p: Position) -> [Int] {
+        actors.indices.filter { a in
+            p.pcs[a] < actors[a].steps.count && !(actors[a].steps[p.pcs[a]].blocked?(p.world) ?? false)
+        }
+    }
+
+    func finished(_ p: Position) -> Bool { actors.indices.allSatisfy { p.pcs[$0] >= actors[$0].steps.count } }
 
     /// Runs actor `a`'s next step; returns the trace line.
     func step(_ p: inout Position, _ a: Int) -> TraceEntry {
@@ -143,10 +157,12 @@ public struct Explorer {
         var trace: [TraceEntry] = []
 
         func visit(_ p: Position, last: Int?, spent: Int) -> Bool {
-            let ready = enabled(p.pcs)
+            let ready = enabled(p)
             if ready.isEmpty {
                 summary.schedules += 1
-                return false
+                if finished(p) { return false }
+                summary.counterexample = Counterexample(schedule: Schedule(schedule), trace: trace, violations: [], livelock: false, deadlock: true)
+                return true
             }
             if schedule.count >= stepBound {
                 summary.counterexample = Counterexample(schedule: Schedule(schedule), trace: trace, violations: [], livelock: true)
@@ -236,8 +252,13 @@ public struct Explorer {
             var p = Position(world: initial, pcs: actors.map { _ in 0 })
             var schedule: [Int] = []
             while true {
-                let ready = enabled(p.pcs)
-                if ready.isEmpty { break }
+                let ready = enabled(p)
+                if ready.isEmpty {
+                    if finished(p) { break }
+                    let r = replay(Schedule(schedule))
+                    summary.counterexample = Counterexample(schedule: Schedule(schedule), trace: r.trace, violations: [], livelock: false, deadlock: true)
+                    return summary
+                }
                 if schedule.count >= stepBound {
                     let r = replay(Schedule(schedule))
                     summary.counterexample = Counterexample(schedule: Schedule(schedule), trace: r.trace, violations: [], livelock: true)
@@ -272,7 +293,7 @@ public struct Explorer {
     ///
     /// - Complexity: O(n²) replays per pass for a schedule of n steps.
     public func shrink(_ c: Counterexample) -> Counterexample {
-        guard !c.livelock else { return c }
+        guard !c.livelock, !c.deadlock else { return c }
         func switches(_ s: [Int]) -> Int { zip(s, s.dropFirst()).filter { $0 != $1 }.count }
         func fails(_ s: [Int]) -> (trace: [TraceEntry], violations: [Violation])? {
             let r = replay(Schedule(s))
@@ -312,6 +333,10 @@ public struct Explorer {
         for a in schedule.actors {
             guard actors.indices.contains(a), p.pcs[a] < actors[a].steps.count else {
                 trace.append(TraceEntry(actor: "schedule", step: "\(a)", saw: "no such actor, or it has no step left"))
+                return (trace, [], p.world)
+            }
+            if actors[a].steps[p.pcs[a]].blocked?(p.world) == true {
+                trace.append(TraceEntry(actor: actors[a].name, step: actors[a].steps[p.pcs[a]].label, saw: "blocked: cannot run here"))
                 return (trace, [], p.world)
             }
             trace.append(step(&p, a))

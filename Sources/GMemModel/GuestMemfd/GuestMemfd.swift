@@ -28,6 +28,10 @@ struct GmemInode: Hashable {
     /// Per page offset: private (true) or shared. Every index has a value; the
     /// default is private unless INIT_SHARED. Meaningful when `inPlace`.
     var privatePages = RangeMap(true)
+    /// filemap_invalidate_lock held exclusively (a conversion between its refcount
+    /// check and its flip): host faults on the file wait. Only the explorer's split
+    /// conversion holds it across a step.
+    var invalidateLocked = false
 
     var pages: UInt64 { size >> UAPI.pageShift }
     var supportsMmap: Bool { flags & UAPI.GUEST_MEMFD_FLAG_MMAP != 0 }
