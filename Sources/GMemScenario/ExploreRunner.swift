@@ -24,7 +24,9 @@ public final class ExploreRunner {
             if r.status != .passed { failures.append(r) }
         }
         setupFailures = failures
-        explorer = Explorer(initial: World(kernel: backend.kernel), actors: [])
+        var world = World(kernel: backend.kernel)
+        world.context = AnyHashable(runner.handles)
+        explorer = Explorer(initial: world, actors: [])
         explorer.actors = scenario.actors.map(actor)
     }
 
@@ -38,14 +40,17 @@ public final class ExploreRunner {
                     continue
                 }
                 steps.append(ExploreStep(s.opName, blocked: hostFaultBlocks(s.op)) { [backend, runner] w, _ in
+                    Self.restore(runner, w)
                     backend.kernel = w.kernel
                     let r = runner.run(s)
                     w.kernel = backend.kernel
+                    w.context = AnyHashable(runner.handles)
                     return StepResult(Self.describe(r))
                 })
             case .guestFault(let vcpu, let gpa, let write):
                 let resolve = steps.count
                 steps.append(ExploreStep("fault 0x\(String(gpa, radix: 16)): resolve") { [runner] w, a in
+                    Self.restore(runner, w)
                     guard let fd = try? runner.fd(vcpu) else { return StepResult("no vCPU '\(vcpu)'", next: .step(resolve + 2)) }
                     switch Result(catching: { () throws(Errno) in try w.kernel.startFault(vcpu: fd.raw, gpa: gpa, write: write) }) {
                     case .success(.pending(let f)):
@@ -67,6 +72,7 @@ public final class ExploreRunner {
                 let walk = steps.count
                 let done = walk + 3
                 steps.append(ExploreStep("GUP-fast \(map)+0x\(String(offset, radix: 16)): walk") { [runner] w, a in
+                    Self.restore(runner, w)
                     guard let m = try? runner.mapping(map) else { return StepResult("no mapping '\(map)'", next: .step(done)) }
                     guard let g = w.kernel.gupFastWalk(address: m.address + offset) else {
                         return StepResult("no PTE: GUP-fast falls back to the slow path", next: .step(done))
@@ -104,6 +110,7 @@ public final class ExploreRunner {
         default: return nil
         }
         return { [runner] w in
+            Self.restore(runner, w)
             guard let m = try? runner.mapping(map) else { return false }
             return w.kernel.hostFaultWouldBlock(address: m.address + offset, write: write)
         }
@@ -116,6 +123,7 @@ public final class ExploreRunner {
     func splitToPrivate(_ fd: Ref, offset: UInt64, size: UInt64) -> [ExploreStep] {
         [
             ExploreStep("convert to private: unmap, refcount check") { [runner] w, a in
+                Self.restore(runner, w)
                 guard let f = try? runner.fd(fd) else { return StepResult("no file '\(fd)'", next: .step(Int.max)) }
                 let (pending, outcome) = w.kernel.beginToPrivate(f.raw, offset: offset, size: size)
                 guard let pending else {
@@ -131,6 +139,11 @@ public final class ExploreRunner {
                 return StepResult("private; lock released")
             },
         ]
+    }
+
+    /// Puts the runner's names back as they were on this path.
+    static func restore(_ runner: ScenarioRunner, _ w: World) {
+        if let h = w.context?.base as? ScenarioRunner.Handles { runner.handles = h }
     }
 
     static func describe(_ r: StepReport) -> String {

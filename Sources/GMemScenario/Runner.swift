@@ -75,6 +75,36 @@ public final class ScenarioRunner {
         self.backend = backend
     }
 
+    /// The names steps have bound, as one value: the explorer saves it with each
+    /// state and restores it before a step, so a `close` on one path does not forget
+    /// the name on another. (The VMM-side handlers are objects and are not included:
+    /// actor programs do not use them.)
+    struct Handles: Hashable {
+        var fds: [String: FD]
+        var vcpuNames: Set<String>
+        var maps: [String: Mapping]
+        var pins: [String: ObjectHandle]
+        var refs: [String: ObjectHandle]
+        var domains: [String: ObjectHandle]
+        var guests: [String: ObjectHandle]
+        var processes: [String: ProcessHandle]
+        var current: ProcessHandle
+        var implicitVCPUs: [Ref: FD]
+        var missing: [String: Int]
+    }
+
+    var handles: Handles {
+        get {
+            Handles(fds: fds, vcpuNames: vcpuNames, maps: maps, pins: pins, refs: refs, domains: domains, guests: guests,
+                    processes: processes, current: current, implicitVCPUs: implicitVCPUs, missing: missing)
+        }
+        set {
+            (fds, vcpuNames, maps, pins, refs, domains, guests) =
+                (newValue.fds, newValue.vcpuNames, newValue.maps, newValue.pins, newValue.refs, newValue.domains, newValue.guests)
+            (processes, current, implicitVCPUs, missing) = (newValue.processes, newValue.current, newValue.implicitVCPUs, newValue.missing)
+        }
+    }
+
     /// Runs every step of `scenario`, calling `report` after each. A scenario that
     /// requires a feature the backend lacks has every step skipped with the reason.
     public func run(_ scenario: Scenario, report: (StepReport) -> Void) -> Summary {

@@ -12,6 +12,9 @@ public struct World: Hashable {
     public var conversions: [Int: PendingConversion] = [:]
     /// Per-actor registers (ids and results a later step needs).
     public var registers: [Int: UInt64] = [:]
+    /// State of the layer that drives the kernel (a scenario runner's handle names),
+    /// saved and restored with the world so each path sees its own.
+    public var context: AnyHashable?
 
     public init(kernel: Kernel) { self.kernel = kernel }
 }
