@@ -141,7 +141,7 @@ struct ExplorerTests {
 /// `gmem explore`'s files: setup steps, then actors whose programs are interleaved.
 @Suite("Explore files")
 struct ExploreFileTests {
-    static let files = ["fault-vs-punch", "fault-vs-to-shared", "fault-vs-release", "gup-fast-vs-to-private", "host-fault-vs-to-private"]
+    static let files = ["fault-vs-punch", "fault-vs-to-shared", "fault-vs-release", "fault-vs-memslot-delete", "gup-fast-vs-to-private", "host-fault-vs-to-private"]
     /// The interleaving-only mutant each file exists to catch, and the schedule that shows it.
     static let catches: [String: (Mutant, Schedule)] = [
         "fault-vs-punch": (.skipFaultRetry, Schedule([0, 1, 0])),
@@ -149,6 +149,7 @@ struct ExploreFileTests {
         // Needs each path to keep its own handle names: a close on one path must not
         // make the name unknown on the next.
         "fault-vs-release": (.skipFaultRetry, Schedule([0, 1, 0])),
+        "fault-vs-memslot-delete": (.skipFaultRetry, Schedule([0, 1, 0])),
         "gup-fast-vs-to-private": (.gupFastSkipRecheck, Schedule([0, 1, 1, 0, 0])),
         "host-fault-vs-to-private": (.conversionDropsInvalidateLock, Schedule([1, 0, 1])),
     ]
