@@ -201,6 +201,19 @@ struct ExploreFileTests {
         #expect(after.trace.last?.saw.hasPrefix("SIGBUS") == true, "\(after.trace)")
     }
 
+    /// Mutants a sequential scenario already catches; the race files catch them too,
+    /// on the first schedule (no preemption needed).
+    @Test("the race files catch sequential mutants too", arguments: [
+        ("fault-vs-punch", Mutant.skipPunchZap), ("fault-vs-to-shared", .skipAttributeZap),
+        ("fault-vs-release", .releaseWithoutZap), ("gup-fast-vs-to-private", .skipRefcountCheck),
+    ])
+    func sequentialMutantsToo(_ name: String, _ mutant: Mutant) throws {
+        let s = try Self.runner(name, [mutant]).explorer.exhaustive(preemptionBound: 2)
+        let c = try #require(s.counterexample)
+        #expect(s.schedules == 1)
+        #expect(!c.violations.isEmpty)
+    }
+
     @Test func everyInterleavingOnlyMutantHasAFile() {
         let covered = Set(Self.catches.values.map(\.0))
         #expect(covered == Set(Mutant.allCases.filter(\.needsInterleaving)))
