@@ -28,40 +28,55 @@ extension Kernel {
     public mutating func setGuestMemfdAttributes(_ fd: Int32, offset: UInt64, size: UInt64, attributes: UInt64, flags: UInt64)
         -> ConversionOutcome
     {
+        let (pending, outcome) = prepareConversion(fd, offset: offset, size: size, attributes: attributes, flags: flags)
+        if let pending { commitConversion(pending) }
+        return outcome
+    }
+
+    /// The conversion up to its flip: validation, and for to-private the unmap and
+    /// the refcount check (the kernel holds filemap_invalidate_lock from here to the
+    /// flip). Returns the flip still to do, or nil with the outcome when the
+    /// conversion ends here (an error, EAGAIN, or nothing to change).
+    mutating func prepareConversion(_ fd: Int32, offset: UInt64, size: UInt64, attributes: UInt64, flags: UInt64)
+        -> (PendingConversion?, ConversionOutcome)
+    {
+        let done = ConversionOutcome(errno: nil, errorOffset: 0)
         do {
             try convertChecks(fd, offset: offset, size: size, attributes: attributes, flags: flags)
         } catch {
-            return ConversionOutcome(errno: error, errorOffset: 0)
+            return (nil, ConversionOutcome(errno: error, errorOffset: 0))
         }
         guard case .guestMemfd(let ino)? = fds[fd].flatMap({ files[$0]?.kind }) else {
-            return ConversionOutcome(errno: .EBADF, errorOffset: 0)
+            return (nil, ConversionOutcome(errno: .EBADF, errorOffset: 0))
         }
         let range = (offset >> UAPI.pageShift)..<((offset + size) >> UAPI.pageShift)
         let toPrivate = attributes & UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE != 0
         // Nothing to do when the whole range already has the value.
-        if gmemInodes[ino]!.privatePages.allEqual(in: range, to: toPrivate) {
-            return ConversionOutcome(errno: nil, errorOffset: 0)
-        }
+        if gmemInodes[ino]!.privatePages.allEqual(in: range, to: toPrivate) { return (nil, done) }
         if toPrivate {
             unmapMappingRange(.guestMemfd(ino), pgoffs: range)
             if !config.mutants.contains(.skipRefcountCheck), let busy = firstPageInUse(ino, range) {
                 counters.conversionsRefused += 1
-                return ConversionOutcome(errno: .EAGAIN, errorOffset: busy << UAPI.pageShift)
+                return (nil, ConversionOutcome(errno: .EAGAIN, errorOffset: busy << UAPI.pageShift))
             }
             // A hypervisor-managed IOMMU holds no reference; the hypervisor refuses.
             if let mapped = firstIOMMUMappedPage(ino, range) {
                 counters.conversionsRefused += 1
-                return ConversionOutcome(errno: .EAGAIN, errorOffset: mapped << UAPI.pageShift)
+                return (nil, ConversionOutcome(errno: .EAGAIN, errorOffset: mapped << UAPI.pageShift))
             }
         }
-        gmemInvalidate(ino, range)
-        gmemInodes[ino]!.privatePages.set(range, to: toPrivate)
+        return (PendingConversion(ino: ino, range: range, toPrivate: toPrivate, vm: gmemFiles[fds[fd]!]?.vm ?? nil), done)
+    }
+
+    /// The flip: zap the old state's stage-2 entries, record the new state, and on
+    /// TDX/SNP-like platforms scrub (the page is re-keyed: its old contents are gone).
+    mutating func commitConversion(_ p: PendingConversion) {
+        gmemInvalidate(p.ino, p.range)
+        gmemInodes[p.ino]!.privatePages.set(p.range, to: p.toPrivate)
         counters.conversionsDone += 1
-        // On TDX/SNP-like platforms the page is re-keyed: its old contents are gone.
-        if let vm = gmemFiles[fds[fd]!]?.vm, vms[vm]!.type.conversionIsLossy, !config.mutants.contains(.lossyConversionWithoutZeroing) {
-            for pgoff in presentKeys(of: gmemInodes[ino]!.folios, in: range) { phys.zero(gmemInodes[ino]!.folios[pgoff]!) }
+        if let vm = p.vm, vms[vm]!.type.conversionIsLossy, !config.mutants.contains(.lossyConversionWithoutZeroing) {
+            for pgoff in presentKeys(of: gmemInodes[p.ino]!.folios, in: p.range) { phys.zero(gmemInodes[p.ino]!.folios[pgoff]!) }
         }
-        return ConversionOutcome(errno: nil, errorOffset: 0)
     }
 
     /// The post-merge validation, in its order. ENOTTY where the ioctl does not exist
