@@ -130,6 +130,17 @@ struct ExplorerTests {
         #expect(c.deadlock && c.violations.isEmpty)
     }
 
+    @Test func longRunsReportProgress() throws {
+        var e = try Self.explorer(.punch, .mainline)
+        let calls = Counter()
+        e.progressEvery = 2
+        e.onProgress = { s in calls.steps.append(s.steps) }
+        let s = e.random(seed: 1, count: 10)
+        #expect(calls.steps == Array(stride(from: 2, through: s.steps, by: 2)))
+    }
+
+    final class Counter: @unchecked Sendable { var steps: [Int] = [] }
+
     @Test func badSchedulesEndWithANote() throws {
         let e = try Self.explorer(.punch, .mainline)
         #expect(Schedule(parsing: "0.x") == nil)

@@ -178,11 +178,7 @@ public struct Explorer {
                 if spent + cost > preemptionBound { continue }
                 var q = p
                 let entry = step(&q, a)
-                summary.steps += 1
-                if progressEvery > 0, summary.steps % progressEvery == 0 {
-                    summary.states = seen.count
-                    onProgress?(summary)
-                }
+                progress(&summary, states: seen.count)
                 schedule.append(a)
                 trace.append(entry)
                 defer {
@@ -245,6 +241,15 @@ public struct Explorer {
         }
     }
 
+    /// Counts a step and reports progress every `progressEvery` steps.
+    func progress(_ summary: inout ExploreSummary, states: Int) {
+        summary.steps += 1
+        if progressEvery > 0, summary.steps % progressEvery == 0 {
+            summary.states = states
+            onProgress?(summary)
+        }
+    }
+
     /// Runs `count` schedules, each begun with `start()`, choosing at each step with
     /// `pick(enabled actors, step number)`; stops at the first violation or livelock.
     func sample(count: Int, start: () -> Void, pick: ([Int], Int) -> Int) -> ExploreSummary {
@@ -254,34 +259,30 @@ public struct Explorer {
             start()
             var p = Position(world: initial, pcs: actors.map { _ in 0 })
             var schedule: [Int] = []
+            var trace: [TraceEntry] = []
+            func stop(_ c: Counterexample) -> ExploreSummary {
+                summary.states = seen.count
+                summary.counterexample = c
+                return summary
+            }
             while true {
                 let ready = enabled(p)
                 if ready.isEmpty {
                     if finished(p) { break }
-                    let r = replay(Schedule(schedule))
-                    summary.counterexample = Counterexample(schedule: Schedule(schedule), trace: r.trace, violations: [], livelock: false, deadlock: true)
-                    return summary
+                    return stop(Counterexample(schedule: Schedule(schedule), trace: trace, violations: [], livelock: false, deadlock: true))
                 }
                 if schedule.count >= stepBound {
-                    let r = replay(Schedule(schedule))
-                    summary.counterexample = Counterexample(schedule: Schedule(schedule), trace: r.trace, violations: [], livelock: true)
-                    return summary
+                    return stop(Counterexample(schedule: Schedule(schedule), trace: trace, violations: [], livelock: true))
                 }
                 let a = pick(ready, schedule.count)
-                _ = step(&p, a)
+                trace.append(step(&p, a))
                 schedule.append(a)
-                summary.steps += 1
-                if progressEvery > 0, summary.steps % progressEvery == 0 {
-                    summary.states = seen.count
-                    onProgress?(summary)
-                }
                 seen.insert(p)
-                if !p.world.kernel.checkSystemInvariants().isEmpty {
+                progress(&summary, states: seen.count)
+                let violations = p.world.kernel.checkSystemInvariants()
+                if !violations.isEmpty {
                     summary.schedules += 1
-                    summary.states = seen.count
-                    let r = replay(Schedule(schedule))
-                    summary.counterexample = shrink(Counterexample(schedule: Schedule(schedule), trace: r.trace, violations: r.violations, livelock: false))
-                    return summary
+                    return stop(shrink(Counterexample(schedule: Schedule(schedule), trace: trace, violations: violations, livelock: false)))
                 }
             }
             summary.schedules += 1
