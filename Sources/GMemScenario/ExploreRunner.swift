@@ -48,26 +48,10 @@ public final class ExploreRunner {
                     return StepResult(Self.describe(r))
                 })
             case .guestFault(let vcpu, let gpa, let write):
-                let resolve = steps.count
-                steps.append(ExploreStep("fault 0x\(String(gpa, radix: 16)): resolve") { [runner] w, a in
+                steps += ExploreStep.guestFault(at: steps.count, gpa: gpa, write: write) { [runner] w in
                     Self.restore(runner, w)
-                    guard let fd = try? runner.fd(vcpu) else { return StepResult("no vCPU '\(vcpu)'", next: .step(resolve + 2)) }
-                    switch Result(catching: { () throws(Errno) in try w.kernel.startFault(vcpu: fd.raw, gpa: gpa, write: write) }) {
-                    case .success(.pending(let f)):
-                        w.pending[a] = f
-                        return StepResult("resolved, mmu_invalidate_seq read")
-                    case .success(.mapped(let pfn)):
-                        return StepResult("SPTE present (pfn 0x\(String(pfn, radix: 16))): no fault", next: .step(resolve + 2))
-                    case .success(.stopped(let o)):
-                        return StepResult("KVM_RUN stopped: \(o)", next: .step(resolve + 2))
-                    case .failure(let e):
-                        return StepResult("\(e.name)", next: .step(resolve + 2))
-                    }
-                })
-                steps.append(ExploreStep("fault 0x\(String(gpa, radix: 16)): install") { w, a in
-                    guard let f = w.pending.removeValue(forKey: a) else { return StepResult("nothing to install") }
-                    return w.kernel.finishFault(f) ? StepResult("SPTE installed") : StepResult("stale: RET_PF_RETRY", next: .step(resolve))
-                })
+                    return (try? runner.fd(vcpu))?.raw
+                }
             case .gupFastPin(let map, let offset):
                 let walk = steps.count
                 let done = walk + 3

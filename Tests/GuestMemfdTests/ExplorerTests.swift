@@ -27,21 +27,7 @@ struct ExplorerTests {
 
     /// A vCPU that writes the first page: fault (resolve), install or retry, access.
     static func vcpu(_ fd: Int32) -> ExploreActor {
-        ExploreActor("vcpu0", [
-            ExploreStep("kvm_faultin_pfn") { w, a in
-                switch try? w.kernel.startFault(vcpu: fd, gpa: gpa, write: true) {
-                case .pending(let f)?:
-                    w.pending[a] = f
-                    return StepResult("resolved gfn 0x\(String(f.gpa >> 12, radix: 16)), seq read")
-                case .mapped?: return StepResult("SPTE present, no fault", next: .step(2))
-                case .stopped(let o)?: return StepResult("KVM_RUN stopped: \(o)", next: .step(3))
-                case nil: return StepResult("no such vCPU", next: .step(3))
-                }
-            },
-            ExploreStep("install SPTE under mmu_lock") { w, a in
-                guard let f = w.pending.removeValue(forKey: a) else { return StepResult("nothing pending") }
-                return w.kernel.finishFault(f) ? StepResult("installed") : StepResult("stale: RET_PF_RETRY", next: .step(0))
-            },
+        ExploreActor("vcpu0", ExploreStep.guestFault(at: 0, gpa: gpa, write: true) { _ in fd } + [
             ExploreStep("guest write") { w, _ in
                 let o = try? w.kernel.guestAccess(vcpu: fd, GuestAccess(gpa: gpa, kind: .write([0x5a])))
                 return StepResult("\(o.map { "\($0)" } ?? "error")")
@@ -94,7 +80,7 @@ struct ExplorerTests {
         #expect(found.violations.contains { $0.invariant == .coherence })
         let again = e.replay(try #require(Schedule(parsing: found.schedule.description)))
         #expect(again.violations == found.violations)
-        #expect(again.trace.map(\.step) == ["kvm_faultin_pfn", found.trace[1].step, "install SPTE under mmu_lock"])
+        #expect(again.trace.map(\.step) == ["fault 0x40000000: resolve", found.trace[1].step, "fault 0x40000000: install"])
         // Random schedules find it too, and a seed names the same schedules.
         let r1 = e.random(seed: 7, count: 200), r2 = e.random(seed: 7, count: 200)
         #expect(r1.counterexample?.schedule == found.schedule)

@@ -26,18 +26,7 @@ func explorerBenchmarks() {
     var vcpuSteps: [ExploreStep] = []
     for page in 0..<UInt64(4) {
         let gpa = base + page * 4 * K
-        let resolve = vcpuSteps.count
-        vcpuSteps.append(ExploreStep("fault \(page)") { w, a in
-            if case .pending(let f)? = try? w.kernel.startFault(vcpu: vcpu, gpa: gpa, write: true) {
-                w.pending[a] = f
-                return StepResult("resolved")
-            }
-            return StepResult("no fault", next: .step(resolve + 2))
-        })
-        vcpuSteps.append(ExploreStep("install \(page)") { w, a in
-            guard let f = w.pending.removeValue(forKey: a) else { return StepResult("none") }
-            return w.kernel.finishFault(f) ? StepResult("installed") : StepResult("retry", next: .step(resolve))
-        })
+        vcpuSteps += ExploreStep.guestFault(at: vcpuSteps.count, gpa: gpa, write: true) { _ in vcpu }
         vcpuSteps.append(ExploreStep("write \(page)") { w, _ in
             _ = try? w.kernel.guestAccess(vcpu: vcpu, GuestAccess(gpa: gpa, kind: .write([0x5a])))
             return StepResult("written")

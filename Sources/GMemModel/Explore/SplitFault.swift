@@ -49,3 +49,34 @@ extension Kernel {
         return true
     }
 }
+
+extension ExploreStep {
+    /// A stage-2 fault as two explorer steps, the first at index `at` of its actor:
+    /// resolve (then skip the install if the SPTE was present or KVM_RUN stopped) and
+    /// install, which sends the actor back to resolve on RET_PF_RETRY. `vcpu` finds the
+    /// vCPU fd when the step runs.
+    public static func guestFault(at: Int, gpa: UInt64, write: Bool, vcpu: @escaping (World) -> Int32?) -> [ExploreStep] {
+        let after = at + 2
+        let where_ = "fault 0x\(String(gpa, radix: 16))"
+        return [
+            ExploreStep("\(where_): resolve") { w, a in
+                guard let fd = vcpu(w) else { return StepResult("no such vCPU", next: .step(after)) }
+                switch Result(catching: { () throws(Errno) in try w.kernel.startFault(vcpu: fd, gpa: gpa, write: write) }) {
+                case .success(.pending(let f)):
+                    w.pending[a] = f
+                    return StepResult("resolved, mmu_invalidate_seq read")
+                case .success(.mapped(let pfn)):
+                    return StepResult("SPTE present (pfn 0x\(String(pfn, radix: 16))): no fault", next: .step(after))
+                case .success(.stopped(let o)):
+                    return StepResult("KVM_RUN stopped: \(o)", next: .step(after))
+                case .failure(let e):
+                    return StepResult("\(e.name)", next: .step(after))
+                }
+            },
+            ExploreStep("\(where_): install") { w, a in
+                guard let f = w.pending.removeValue(forKey: a) else { return StepResult("nothing to install") }
+                return w.kernel.finishFault(f) ? StepResult("SPTE installed") : StepResult("stale: RET_PF_RETRY", next: .step(at))
+            },
+        ]
+    }
+}
