@@ -148,12 +148,12 @@ extension Kernel {
         if length == 0 || overflow || address & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
         var pfns: [UInt64] = []
         for vpn in (address >> UAPI.pageShift)..<((end + UAPI.pageSize - 1) >> UAPI.pageShift) {
-            guard let pte = mm.ptes[vpn], !isOutsideDirectMap(vpn) else {
+            guard let walked = gupFastWalk(address: vpn << UAPI.pageShift) else {
                 for pfn in pfns { phys.put(pfn) }
                 throw .EFAULT
             }
-            phys.get(pte.pfn)
-            pfns.append(pte.pfn)
+            phys.get(walked.pte.pfn)
+            pfns.append(walked.pte.pfn)
         }
         let id = newID()
         speculativeRefs[id] = SpeculativeRef(pfns: pfns)
