@@ -46,11 +46,8 @@ struct Demo: ParsableCommand {
     static let buffer: UInt64 = base + (1 << 20)
     static let bufferPages: UInt64 = 16
 
-    func now() -> Double {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Double(ts.tv_sec) * 1e6 + Double(ts.tv_nsec) / 1e3
-    }
+    /// Microseconds on the monotonic clock.
+    func now() -> Double { monotonicSeconds() * 1e6 }
 
     func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
 

@@ -3,12 +3,6 @@ import GMemBackend
 import GMemModel
 import GMemScenario
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
-
 enum ExploreStrategy: String, ExpressibleByArgument, CaseIterable {
     case exhaustive, random, pct
 }
@@ -97,9 +91,7 @@ struct Explore: ParsableCommand {
             return
         }
 
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        let t0 = Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+        let t0 = monotonicSeconds()
         if depth < 1 {
             emitError("--depth: expected at least 1, got \(depth)")
             throw ExitCode(2)
@@ -109,8 +101,7 @@ struct Explore: ParsableCommand {
         case .random: e.random(seed: seed, count: schedules)
         case .pct: e.pct(seed: seed, depth: depth, count: schedules)
         }
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        let seconds = Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9 - t0
+        let seconds = monotonicSeconds() - t0
         let how = switch strategy {
         case .exhaustive: "exhaustive, preemption bound \(preemptionBound)"
         case .random: "random, seed \(seed)"

@@ -61,3 +61,10 @@ func emitError(_ line: String) {
     let text = line + "\n"
     _ = text.withCString { Glibc.write(2, $0, strlen($0)) }
 }
+
+/// Seconds on CLOCK_MONOTONIC (clock_gettime), for timings the commands print.
+func monotonicSeconds() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
