@@ -185,13 +185,17 @@ public struct Explorer {
                     schedule.removeLast()
                     trace.removeLast()
                 }
-                let violations = q.world.kernel.checkSystemInvariants()
-                if !violations.isEmpty {
-                    summary.schedules += 1
-                    summary.counterexample = shrink(Counterexample(schedule: Schedule(schedule), trace: trace, violations: violations, livelock: false))
-                    return true
+                if let before = seen[q] {
+                    // Reached before, so already checked; explore again only if cheaper.
+                    if before <= spent + cost { continue }
+                } else {
+                    let violations = q.world.kernel.checkSystemInvariants()
+                    if !violations.isEmpty {
+                        summary.schedules += 1
+                        summary.counterexample = shrink(Counterexample(schedule: Schedule(schedule), trace: trace, violations: violations, livelock: false))
+                        return true
+                    }
                 }
-                if let before = seen[q], before <= spent + cost { continue }
                 seen[q] = spent + cost
                 if visit(q, last: a, spent: spent + cost) { return true }
             }
