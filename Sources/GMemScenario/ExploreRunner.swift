@@ -11,7 +11,7 @@ public final class ExploreRunner {
     let backend: ModelBackend
     let runner: ScenarioRunner
     /// The setup's failures; exploring a world the setup did not build means little.
-    public private(set) var setupFailures: [StepReport] = []
+    public let setupFailures: [StepReport]
     public private(set) var explorer: Explorer
 
     public init(_ scenario: Scenario, config: ModelConfig = .mainline) {
@@ -19,8 +19,8 @@ public final class ExploreRunner {
         backend = ModelBackend(config: config)
         runner = ScenarioRunner(backend: backend)
         var failures: [StepReport] = []
-        _ = runner.run(Scenario(file: scenario.file, name: scenario.name, requires: scenario.requires,
-                                binding: scenario.binding, steps: scenario.steps)) { r in
+        // The runner runs a scenario's steps; its actors are ours.
+        _ = runner.run(scenario) { r in
             if r.status != .passed { failures.append(r) }
         }
         setupFailures = failures
