@@ -109,6 +109,44 @@ struct ExplorerTests {
         #expect(e.replay(c.schedule).violations == c.violations)
     }
 
+    /// Only an access that must fault waits on the lock: a page the host already maps
+    /// is reached by the hardware, lock or no lock.
+    @Test func onlyFaultingHostAccessesWaitOnTheConversion() throws {
+        var k = Kernel()
+        let vm = try k.createVM(type: VMType.swProtected.number, conversion: .inPlace)
+        let gmem = try k.createGuestMemfd(on: vm, size: 4 * 4096, flags: UAPI.GUEST_MEMFD_FLAG_MMAP)
+        let map = try k.mmap(fd: gmem, offset: 0, length: 4 * 4096, prot: [.read, .write], shared: true)
+        #expect(k.setGuestMemfdAttributes(gmem, offset: 0, size: 2 * 4096, attributes: 0, flags: 0).errno == nil)
+        #expect(k.hostAccess(address: map.address + 4096, count: 1, write: [1]) == .completed([]))
+        let (pending, _) = k.beginToPrivate(gmem, offset: 0, size: 4096)
+        let p = try #require(pending)
+        #expect(k.hostFaultWouldBlock(address: map.address, write: false), "page 0 was unmapped: its fault waits")
+        #expect(!k.hostFaultWouldBlock(address: map.address + 4096, write: true), "page 1 is mapped writable: no fault")
+        k.commitToPrivate(p)
+        #expect(!k.hostFaultWouldBlock(address: map.address, write: false), "the lock is released")
+    }
+
+    /// GUP-fast's grab is folio_try_get(): a folio freed since the walk is not pinned.
+    @Test func gupFastDoesNotPinAFreedFolio() throws {
+        var k = Kernel()
+        let vm = try k.createVM(type: VMType.swProtected.number, conversion: .inPlace)
+        let gmem = try k.createGuestMemfd(on: vm, size: 4096, flags: UAPI.GUEST_MEMFD_FLAG_MMAP)
+        let map = try k.mmap(fd: gmem, offset: 0, length: 4096, prot: [.read, .write], shared: true)
+        _ = k.setGuestMemfdAttributes(gmem, offset: 0, size: 4096, attributes: 0, flags: 0)
+        #expect(k.hostAccess(address: map.address, count: 1, write: [1]) == .completed([]))
+        var live = try #require(k.gupFastWalk(address: map.address))
+        let pinned = k.gupFastGrab(&live)
+        #expect(pinned, "the folio is live: pinned")
+        #expect(k.gupFastRecheck(live) != nil)
+        try k.unpin(#require(k.pins.keys.first))
+
+        var stale = try #require(k.gupFastWalk(address: map.address))
+        try k.fallocate(gmem, mode: UAPI.FALLOC_FL_PUNCH_HOLE | UAPI.FALLOC_FL_KEEP_SIZE, offset: 0, length: 4096)
+        let grabbed = k.gupFastGrab(&stale)
+        #expect(!grabbed, "punched and unmapped since the walk: the folio is gone")
+        #expect(k.gupFastRecheck(stale) == nil)
+    }
+
     @Test func actorsThatAllWaitAreADeadlock() throws {
         let (w, _, _, _) = try Self.world(.mainline)
         let stuck = ExploreActor("stuck", [ExploreStep("wait forever", blocked: { _ in true }) { _, _ in StepResult("ran") }])
