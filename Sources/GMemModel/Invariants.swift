@@ -36,10 +36,21 @@ public enum Mutant: String, CaseIterable, Hashable, Sendable {
     /// In-place to-private drops filemap_invalidate_lock between its refcount check
     /// and the flip, so a host fault can map the page in between.
     case conversionDropsInvalidateLock = "conversion-drops-invalidate-lock"
+    /// Deleting a memslot leaves its guest_memfd binding in place when the file is
+    /// being released (the code before "KVM: guest_memfd: Remove bindings on memslot
+    /// deletion when gmem is dying"): release then writes to the freed memslot.
+    case unbindSkipsDyingFile = "unbind-skips-dying-file"
+    /// A hypervisor-managed IOMMU map checks that the pages are shared without
+    /// holding filemap_invalidate_lock to its install, so a to-private conversion
+    /// passes in between and the device maps a private page.
+    case iommuMapDropsInvalidateLock = "iommu-map-drops-invalidate-lock"
 
     /// Mutants that only a race shows: no sequential scenario can catch them, the
     /// explorer does (an operation must run between two steps of another).
-    public var needsInterleaving: Bool { [.skipFaultRetry, .gupFastSkipRecheck, .conversionDropsInvalidateLock].contains(self) }
+    public var needsInterleaving: Bool {
+        [.skipFaultRetry, .gupFastSkipRecheck, .conversionDropsInvalidateLock, .unbindSkipsDyingFile, .iommuMapDropsInvalidateLock]
+            .contains(self)
+    }
 }
 
 extension Kernel {
@@ -168,6 +179,19 @@ extension Kernel {
                     out.append(Violation(invariant: .lifetime, page: "memslot \(id)", parties: ["VM \(vmID)"],
                         detail: "binding to a released guest_memfd file"))
                 }
+            }
+        }
+        // The memslot side of each binding a guest_memfd file holds must still exist:
+        // kvm_gmem_release() writes slot->gmem.file of every binding it finds.
+        for (fileID, g) in gmemFiles.sorted(by: { $0.key < $1.key }) {
+            guard let vm = g.vm, let v = vms[vm] else { continue }
+            g.bindings.forEachRun(in: 0..<UInt64.max) { r, slot in
+                if let slot, v.memslots[slot]?.gmem?.file != fileID {
+                    out.append(Violation(invariant: .lifetime, page: "guest_memfd file \(fileID) offset 0x\(String(r.lowerBound << 12, radix: 16))",
+                        parties: ["memslot \(slot & 0xffff) of VM \(vm) (freed)"],
+                        detail: "binding to a deleted memslot: kvm_gmem_release() would write to freed memory"))
+                }
+                return true
             }
         }
         for (pid, p) in processes {

@@ -275,6 +275,13 @@ public final class ModelBackend: Backend {
         return out
     }
 
+    /// The transition invariants broken since the last report (the explorer's
+    /// per-step check), clearing them.
+    public func takeTransitionViolations() -> [Violation] {
+        defer { transitionViolations = [] }
+        return transitionViolations
+    }
+
     /// The state invariants now, and the transition invariants broken since the last
     /// report.
     public func checkInvariants() throws(BackendError) -> [Violation] {

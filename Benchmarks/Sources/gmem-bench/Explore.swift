@@ -27,13 +27,13 @@ func explorerBenchmarks() {
     for page in 0..<UInt64(4) {
         let gpa = base + page * 4 * K
         vcpuSteps += ExploreStep.guestFault(at: vcpuSteps.count, gpa: gpa, write: true) { _ in vcpu }
-        vcpuSteps.append(ExploreStep("write \(page)") { w, _ in
+        vcpuSteps.append(ExploreStep("write \(page)", effect: .writes) { w, _ in
             _ = try? w.kernel.guestAccess(vcpu: vcpu, GuestAccess(gpa: gpa, kind: .write([0x5a])))
             return StepResult("written")
         })
     }
     let punch = ExploreActor("punch", [1, 3].map { page in
-        ExploreStep("punch \(page)") { w, _ in
+        ExploreStep("punch \(page)", effect: .destructive) { w, _ in
             try? w.kernel.fallocate(gmem, mode: UAPI.FALLOC_FL_PUNCH_HOLE | UAPI.FALLOC_FL_KEEP_SIZE, offset: UInt64(page) * 4 * K, length: 4 * K)
             return StepResult("punched")
         }

@@ -86,8 +86,16 @@ extension Kernel {
     /// A hypervisor-managed IOMMU map (pKVM-style, by hypercall): maps guest_memfd
     /// pages [offset, offset + length) of `fd` at `iova` after checking each is
     /// shared; a private page is EPERM and nothing is mapped. The mapping holds no
-    /// refcount: the hypervisor refuses conversion of mapped pages instead.
+    /// refcount: the hypervisor refuses conversion of mapped pages instead. The check
+    /// and the install run under filemap_invalidate_lock taken shared, as a host
+    /// fault on the file does, so a to-private conversion cannot pass between them.
     public mutating func hypervisorIOMMUMap(domain: UInt64, iova: UInt64, fd: Int32, offset: UInt64, length: UInt64) throws(Errno) {
+        try commitIOMMUMap(beginIOMMUMap(domain: domain, iova: iova, fd: fd, offset: offset, length: length))
+    }
+
+    /// First half of a hypervisor-managed IOMMU map: validate, take
+    /// filemap_invalidate_lock shared, check every page is shared.
+    public mutating func beginIOMMUMap(domain: UInt64, iova: UInt64, fd: Int32, offset: UInt64, length: UInt64) throws(Errno) -> PendingIOMMUMap {
         guard iommuDomains[domain]?.model == .hypervisor else { throw .EINVAL }
         let (_, f) = try file(fd)
         guard case .guestMemfd(let ino) = f.kind else { throw .EINVAL }
@@ -102,16 +110,22 @@ extension Kernel {
         }
         let first = iova >> UAPI.pageShift
         if (0..<UInt64(range.count)).contains(where: { iommuDomains[domain]!.entries[first + $0] != nil }) { throw .EEXIST }
-        for (i, pgoff) in range.enumerated() {
-            let pfn: UInt64
-            do {
-                pfn = try gmemGetFolio(ino, pgoff: pgoff)
-            } catch {
-                throw error
-            }
-            iommuDomains[domain]!.entries[first + UInt64(i)] = IOMMUEntry(pfn: pfn, gmemPage: GmemPageRef(inode: ino, pgoff: pgoff))
+        let locked = !config.mutants.contains(.iommuMapDropsInvalidateLock)
+        if locked { gmemInodes[ino]!.invalidateReaders += 1 }
+        return PendingIOMMUMap(domain: domain, ino: ino, range: range, firstIOVAPage: first, locked: locked)
+    }
+
+    /// Second half: install the entries, then drop the lock.
+    public mutating func commitIOMMUMap(_ p: PendingIOMMUMap) throws(Errno) {
+        defer { if p.locked { gmemInodes[p.ino]?.invalidateReaders -= 1 } }
+        for (i, pgoff) in p.range.enumerated() {
+            let pfn = try gmemGetFolio(p.ino, pgoff: pgoff)
+            iommuDomains[p.domain]!.entries[p.firstIOVAPage + UInt64(i)] = IOMMUEntry(pfn: pfn, gmemPage: GmemPageRef(inode: p.ino, pgoff: pgoff))
         }
     }
+
+    /// The translation model of domain `id`, or nil if there is none.
+    public func iommuModel(ofDomain id: UInt64) -> IOMMUModel? { iommuDomains[id]?.model }
 
     /// Unmaps [iova, iova + length): VFIO unpins, the hypervisor forgets the mapping.
     public mutating func iommuUnmap(domain: UInt64, iova: UInt64, length: UInt64) throws(Errno) {
@@ -188,4 +202,14 @@ extension Kernel {
         }
         return first
     }
+}
+
+/// A hypervisor-managed IOMMU map between its ownership check and its install.
+public struct PendingIOMMUMap: Hashable, Sendable {
+    let domain: UInt64
+    let ino: UInt64
+    let range: Range<UInt64>
+    let firstIOVAPage: UInt64
+    /// Holds filemap_invalidate_lock shared (unless a mutant dropped it).
+    let locked: Bool
 }

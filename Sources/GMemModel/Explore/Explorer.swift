@@ -10,6 +10,10 @@ public struct World: Hashable {
     public var gupFast: [Int: PendingGUPFast] = [:]
     /// A conversion between its check and its flip, per actor index.
     public var conversions: [Int: PendingConversion] = [:]
+    /// An IOMMU map between its ownership check and its install, per actor index.
+    public var iommuMaps: [Int: PendingIOMMUMap] = [:]
+    /// A close between its last fput and kvm_gmem_release(), per actor index.
+    public var releases: [Int: PendingRelease] = [:]
     /// Per-actor registers (ids and results a later step needs).
     public var registers: [Int: UInt64] = [:]
     /// State of the layer that drives the kernel (a scenario runner's handle names),
@@ -29,9 +33,13 @@ public struct StepResult: Sendable {
     /// What the step saw, for the trace.
     public var saw: String
     public var next: Next
-    public init(_ saw: String, next: Next = .advance) {
+    /// Transition invariants (no leak, no loss) the step itself found broken, for
+    /// steps whose effect only the layer that ran them knows (a scenario step).
+    public var violations: [Violation]
+    public init(_ saw: String, next: Next = .advance, violations: [Violation] = []) {
         self.saw = saw
         self.next = next
+        self.violations = violations
     }
 }
 
@@ -42,8 +50,15 @@ public struct ExploreStep {
     public var run: (inout World, _ actor: Int) -> StepResult
     /// The step would sleep now (on a lock another actor holds): not runnable.
     public var blocked: ((World) -> Bool)?
-    public init(_ label: String, blocked: ((World) -> Bool)? = nil, _ run: @escaping (inout World, _ actor: Int) -> StepResult) {
+    /// What the step may do to memory contents: the explorer checks no leak and no
+    /// loss across it. nil: the step reports its own (`StepResult.violations`).
+    public var effect: ContentEffect?
+    public init(
+        _ label: String, effect: ContentEffect? = .preserving, blocked: ((World) -> Bool)? = nil,
+        _ run: @escaping (inout World, _ actor: Int) -> StepResult
+    ) {
         self.label = label
+        self.effect = effect
         self.blocked = blocked
         self.run = run
     }
@@ -138,15 +153,20 @@ public struct Explorer {
 
     func finished(_ p: Position) -> Bool { actors.indices.allSatisfy { p.pcs[$0] >= actors[$0].steps.count } }
 
-    /// Runs actor `a`'s next step; returns the trace line.
-    func step(_ p: inout Position, _ a: Int) -> TraceEntry {
+    /// Runs actor `a`'s next step; returns the trace line and the transition
+    /// invariants (no leak, no loss) the step broke. The state invariants are the
+    /// caller's: a state reached before needs no second check, an edge does.
+    func step(_ p: inout Position, _ a: Int) -> (TraceEntry, [Violation]) {
         let s = actors[a].steps[p.pcs[a]]
+        let before = p.world.kernel
         let r = s.run(&p.world, a)
         switch r.next {
         case .advance: p.pcs[a] += 1
         case .step(let i): p.pcs[a] = i
         }
-        return TraceEntry(actor: actors[a].name, step: s.label, saw: r.saw)
+        var broken = r.violations
+        if let effect = s.effect { broken += Kernel.transitionViolations(before: before, after: p.world.kernel, effect: effect) }
+        return (TraceEntry(actor: actors[a].name, step: s.label, saw: r.saw), broken)
     }
 
     /// Exhaustive depth-first search over every schedule with at most `preemptionBound`
@@ -177,13 +197,18 @@ public struct Explorer {
                 let cost = (last != nil && a != last && ready.contains(last!)) ? 1 : 0
                 if spent + cost > preemptionBound { continue }
                 var q = p
-                let entry = step(&q, a)
+                let (entry, broken) = step(&q, a)
                 progress(&summary, states: seen.count)
                 schedule.append(a)
                 trace.append(entry)
                 defer {
                     schedule.removeLast()
                     trace.removeLast()
+                }
+                if !broken.isEmpty {
+                    summary.schedules += 1
+                    summary.counterexample = shrink(Counterexample(schedule: Schedule(schedule), trace: trace, violations: broken, livelock: false))
+                    return true
                 }
                 if let before = seen[q] {
                     // Reached before, so already checked; explore again only if cheaper.
@@ -279,11 +304,12 @@ public struct Explorer {
                     return stop(Counterexample(schedule: Schedule(schedule), trace: trace, violations: [], livelock: true))
                 }
                 let a = pick(ready, schedule.count)
-                trace.append(step(&p, a))
+                let (entry, broken) = step(&p, a)
+                trace.append(entry)
                 schedule.append(a)
-                seen.insert(p)
+                let new = seen.insert(p).inserted
                 progress(&summary, states: seen.count)
-                let violations = p.world.kernel.checkSystemInvariants()
+                let violations = broken + (new ? p.world.kernel.checkSystemInvariants() : [])
                 if !violations.isEmpty {
                     summary.schedules += 1
                     return stop(shrink(Counterexample(schedule: Schedule(schedule), trace: trace, violations: violations, livelock: false)))
@@ -347,8 +373,9 @@ public struct Explorer {
                 trace.append(TraceEntry(actor: actors[a].name, step: actors[a].steps[p.pcs[a]].label, saw: "blocked: cannot run here"))
                 return (trace, [], p.world)
             }
-            trace.append(step(&p, a))
-            let v = p.world.kernel.checkSystemInvariants()
+            let (entry, broken) = step(&p, a)
+            trace.append(entry)
+            let v = broken + p.world.kernel.checkSystemInvariants()
             if !v.isEmpty { return (trace, v, p.world) }
         }
         return (trace, [], p.world)

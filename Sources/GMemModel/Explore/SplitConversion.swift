@@ -34,3 +34,36 @@ extension Kernel {
         return gmemInodes[ino]?.invalidateLocked == true
     }
 }
+
+extension Kernel {
+    /// The guest_memfd inode behind `fd` in the current process, if it is one.
+    func gmemInode(ofFD fd: Int32) -> UInt64? {
+        guard let id = fds[fd], case .guestMemfd(let ino)? = files[id]?.kind else { return nil }
+        return ino
+    }
+
+    /// Whether a to-private conversion of `fd` would wait for filemap_invalidate_lock:
+    /// another conversion holds it, or a paused IOMMU map holds it shared.
+    public func conversionWouldBlock(fd: Int32) -> Bool {
+        guard let ino = gmemInode(ofFD: fd), let inode = gmemInodes[ino] else { return false }
+        return inode.invalidateLocked || inode.invalidateReaders > 0
+    }
+
+    /// Whether a hypervisor-managed IOMMU map of `fd` would wait: a conversion holds
+    /// filemap_invalidate_lock exclusively.
+    public func iommuMapWouldBlock(fd: Int32) -> Bool {
+        guard let ino = gmemInode(ofFD: fd) else { return false }
+        return gmemInodes[ino]?.invalidateLocked == true
+    }
+
+    /// Whether a device's DMA at `iova` would wait: an SVA IOTLB miss walks the
+    /// process's page tables and faults like the CPU (PRI), so it sleeps where a host
+    /// fault would.
+    public func dmaWouldBlock(domain: UInt64, iova: UInt64, write: Bool) -> Bool {
+        guard let d = iommuDomains[domain], d.model == .sva, let pid = d.pid, processes[pid] != nil else { return false }
+        if d.entries[iova >> UAPI.pageShift] != nil { return false }
+        var k = self
+        k.currentPID = pid
+        return k.hostFaultWouldBlock(address: iova, write: write)
+    }
+}

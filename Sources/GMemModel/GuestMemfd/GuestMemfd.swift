@@ -32,6 +32,9 @@ struct GmemInode: Hashable {
     /// check and its flip): host faults on the file wait. Only the explorer's split
     /// conversion holds it across a step.
     var invalidateLocked = false
+    /// Holders of filemap_invalidate_lock in shared mode that the explorer can pause
+    /// (an IOMMU map between its check and its install); a conversion waits for them.
+    var invalidateReaders = 0
 
     var pages: UInt64 { size >> UAPI.pageShift }
     var supportsMmap: Bool { flags & UAPI.GUEST_MEMFD_FLAG_MMAP != 0 }
@@ -62,6 +65,9 @@ struct GmemFile: Hashable {
     var vm: UInt64?
     /// The memslot bound at each page offset (as_id << 16 | slot id), or nil.
     var bindings = RangeMap<UInt32?>(nil)
+    /// The file's refcount reached zero but kvm_gmem_release() has not run yet:
+    /// get_file_active() fails, so kvm_gmem_get_file() returns NULL.
+    var dying = false
 }
 
 extension Kernel {
@@ -236,7 +242,9 @@ extension Kernel {
         if let vm = g.vm, vms[vm] != nil {
             // (With memslots holding the file, no binding is left by now.)
             g.bindings.forEachRun(in: 0..<UInt64.max) { r, slot in
-                if let slot {
+                // A binding whose memslot is gone would be a write to freed memory
+                // (the lifetime invariant reports it); the model cannot follow it.
+                if let slot, vms[vm]!.memslots[slot]?.gmem?.file == fileID {
                     if !config.mutants.contains(.releaseWithoutZap) { zapGmemBinding(vm: vm, slot: slot, pgoffs: r) }
                     vms[vm]!.memslots[slot]!.gmem?.fileAlive = false
                 }

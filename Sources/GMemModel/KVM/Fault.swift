@@ -101,8 +101,9 @@ extension Kernel {
     /// kvm_mmu_faultin_pfn_gmem() + kvm_gmem_get_pfn().
     mutating func gmemFaultinPFN(vm: UInt64, slot: Memslot, gfn: UInt64, flags: UInt64) throws(FaultExit) -> UInt64 {
         guard let binding = slot.gmem else { throw .memoryFault(.EFAULT, flags: flags, gfn: gfn) }
-        // The file was closed: slot->gmem.file is NULL.
-        guard binding.fileAlive, let g = gmemFiles[binding.file] else {
+        // The file was released (slot->gmem.file is NULL) or is being released
+        // (kvm_gmem_get_file() fails once its refcount is zero).
+        guard binding.fileAlive, let g = gmemFiles[binding.file], !g.dying else {
             throw .memoryFault(.EFAULT, flags: flags, gfn: gfn)
         }
         let pgoff = binding.pgoff + (gfn - slot.baseGfn)

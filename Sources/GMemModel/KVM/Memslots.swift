@@ -153,10 +153,14 @@ extension Kernel {
         vms[vm]!.memslots[slot.slot] = nil
     }
 
-    /// KVM_MR_DELETE: flush, then kvm_gmem_unbind() (a no-op once the file is gone).
+    /// KVM_MR_DELETE: flush, then kvm_gmem_unbind(): a no-op once the file is
+    /// released (slot->gmem.file is NULL), but a file being released still loses the
+    /// binding, since kvm_gmem_release() may run only after the memslot is freed.
     mutating func deleteMemslot(vm: UInt64, _ slot: Memslot) {
         unmapMemslot(vm: vm, slot)
         if let g = slot.gmem, g.fileAlive {
+            // Before the fix (6.18-rc), unbind returned when kvm_gmem_get_file() failed.
+            if config.mutants.contains(.unbindSkipsDyingFile) && gmemFiles[g.file]!.dying { return }
             gmemFiles[g.file]!.bindings.set(g.pgoff..<g.pgoff + slot.npages, to: nil)
             if config.mutants.contains(.unbindDiscards) { truncateGmemPages(gmemFiles[g.file]!.inode, g.pgoff..<g.pgoff + slot.npages) }
             if config.bindingOwnership == .memslotHoldsFile { putFile(g.file) }
