@@ -12,22 +12,33 @@ public final class ExploreRunner {
     let runner: ScenarioRunner
     /// The setup's failures; exploring a world the setup did not build means little.
     public let setupFailures: [StepReport]
+    /// Why the modelled host cannot run this file (a feature it `requires`), or nil.
+    public let skipReason: String?
     public private(set) var explorer: Explorer
 
+    /// A file without actors is explored as one actor running its steps (one
+    /// schedule, every invariant checked after every step); a file with actors runs
+    /// its steps once as the setup and interleaves the actors.
     public init(_ scenario: Scenario, config: ModelConfig = .mainline) {
         self.scenario = scenario
         backend = ModelBackend(config: config)
         runner = ScenarioRunner(backend: backend)
+        skipReason = ScenarioRunner.lacking(scenario, on: [backend])
+        var setup = scenario
+        let program = scenario.actors.isEmpty ? [ActorSpec(name: "steps", program: scenario.steps.map { .step($0) })] : scenario.actors
+        if scenario.actors.isEmpty { setup.steps = [] }
         var failures: [StepReport] = []
-        // The runner runs a scenario's steps; its actors are ours.
-        _ = runner.run(scenario) { r in
+        // The runner runs a scenario's steps (and applies its policies); actors are ours.
+        _ = runner.run(setup) { r in
             if r.status != .passed { failures.append(r) }
         }
-        setupFailures = failures
+        setupFailures = skipReason == nil ? failures : []
+        // From here on each actor step reports the no-leak and no-loss violations it caused.
+        backend.checkTransitions = true
         var world = World(kernel: backend.kernel)
         world.context = AnyHashable(runner.handles)
         explorer = Explorer(initial: world, actors: [])
-        explorer.actors = scenario.actors.map(actor)
+        explorer.actors = program.map(actor)
     }
 
     func actor(_ spec: ActorSpec) -> ExploreActor {
@@ -39,65 +50,150 @@ public final class ExploreRunner {
                     steps += splitToPrivate(fd, offset: offset, size: size)
                     continue
                 }
-                steps.append(ExploreStep(s.opName, blocked: hostFaultBlocks(s.op)) { [backend, runner] w, _ in
-                    Self.restore(runner, w)
-                    backend.kernel = w.kernel
-                    let r = runner.run(s)
-                    w.kernel = backend.kernel
-                    w.context = AnyHashable(runner.handles)
-                    return StepResult(Self.describe(r))
-                })
+                if case .close(let ref) = s.op {
+                    steps += splitClose(ref, at: steps.count)
+                    continue
+                }
+                if case .iommuMap(let domain, let iova, nil, let fd?, let offset, let length) = s.op {
+                    steps += splitIOMMUMap(s, domain: domain, iova: iova, fd: fd, offset: offset, length: length, at: steps.count)
+                    continue
+                }
+                steps.append(atomic(s))
             case .guestFault(let vcpu, let gpa, let write):
                 steps += ExploreStep.guestFault(at: steps.count, gpa: gpa, write: write) { [runner] w in
                     Self.restore(runner, w)
                     return (try? runner.fd(vcpu))?.raw
                 }
             case .gupFastPin(let map, let offset):
-                let walk = steps.count
-                let done = walk + 3
-                steps.append(ExploreStep("GUP-fast \(map)+0x\(String(offset, radix: 16)): walk") { [runner] w, a in
-                    Self.restore(runner, w)
-                    guard let m = try? runner.mapping(map) else { return StepResult("no mapping '\(map)'", next: .step(done)) }
-                    guard let g = w.kernel.gupFastWalk(address: m.address + offset) else {
-                        return StepResult("no PTE: GUP-fast falls back to the slow path", next: .step(done))
-                    }
-                    w.gupFast[a] = g
-                    return StepResult("read the PTE without locks")
-                })
-                steps.append(ExploreStep("GUP-fast \(map)+0x\(String(offset, radix: 16)): grab") { w, a in
-                    guard var g = w.gupFast[a] else { return StepResult("nothing walked", next: .step(done)) }
-                    if !w.kernel.gupFastGrab(&g) {
-                        w.gupFast[a] = nil
-                        return StepResult("folio freed: try_grab_folio_fast failed", next: .step(done))
-                    }
-                    w.gupFast[a] = g
-                    return StepResult("pinned the folio the PTE named")
-                })
-                steps.append(ExploreStep("GUP-fast \(map)+0x\(String(offset, radix: 16)): recheck") { w, a in
-                    guard let g = w.gupFast.removeValue(forKey: a) else { return StepResult("nothing grabbed") }
-                    guard let id = w.kernel.gupFastRecheck(g) else { return StepResult("PTE changed: unpinned, GUP-fast fails") }
-                    w.registers[a] = id
-                    return StepResult("recheck passed: pin \(id) stands")
-                })
+                steps += gupFastPin(map, offset: offset, at: steps.count)
             }
         }
         return ExploreActor(spec.name, steps)
     }
 
-    /// A host access that must fault sleeps while a conversion holds the file's
-    /// filemap_invalidate_lock (kvm_gmem_fault_user_mapping() takes it shared).
-    func hostFaultBlocks(_ op: Op) -> ((World) -> Bool)? {
-        let (map, offset, write): (String, UInt64, Bool)
-        switch op {
-        case .hostRead(let m, let o, _): (map, offset, write) = (m, o, false)
-        case .hostWrite(let m, let o, _): (map, offset, write) = (m, o, true)
-        default: return nil
-        }
-        return { [runner] w in
+    /// pin_user_pages_fast(FOLL_WRITE) of one page: GUP-fast's lockless walk, grab
+    /// and recheck, and the slow path it falls back to whenever one of them fails
+    /// (under mmap_lock, so atomic against fork; it faults, so it waits on a
+    /// conversion's filemap_invalidate_lock).
+    func gupFastPin(_ map: String, offset: UInt64, at walk: Int) -> [ExploreStep] {
+        let slow = walk + 3
+        let done = walk + 4
+        let what = "GUP-fast \(map)+0x\(String(offset, radix: 16))"
+        return [
+            ExploreStep("\(what): walk") { [runner] w, a in
+                Self.restore(runner, w)
+                guard let m = try? runner.mapping(map) else { return StepResult("no mapping '\(map)'", next: .step(done)) }
+                guard let g = w.kernel.gupFastWalk(address: m.address + offset) else {
+                    return StepResult("no writable PTE: fall back to the slow path", next: .step(slow))
+                }
+                w.gupFast[a] = g
+                return StepResult("read the PTE without locks")
+            },
+            ExploreStep("\(what): grab") { w, a in
+                guard var g = w.gupFast[a] else { return StepResult("nothing walked", next: .step(slow)) }
+                if !w.kernel.gupFastGrab(&g) {
+                    w.gupFast[a] = nil
+                    return StepResult("folio freed: try_grab_folio_fast failed; slow path", next: .step(slow))
+                }
+                w.gupFast[a] = g
+                return StepResult("pinned the folio the PTE named")
+            },
+            ExploreStep("\(what): recheck") { w, a in
+                guard let g = w.gupFast.removeValue(forKey: a) else { return StepResult("nothing grabbed", next: .step(slow)) }
+                guard let id = w.kernel.gupFastRecheck(g) else { return StepResult("PTE changed: unpinned; slow path") }
+                w.registers[a] = id
+                return StepResult("recheck passed: pin \(id) stands", next: .step(done))
+            },
+            ExploreStep("\(what): slow path", blocked: { [runner] w in
+                Self.restore(runner, w)
+                guard let m = try? runner.mapping(map) else { return false }
+                return w.kernel.hostFaultWouldBlock(address: m.address + offset, write: true)
+            }) { [runner] w, a in
+                Self.restore(runner, w)
+                guard let m = try? runner.mapping(map) else { return StepResult("no mapping '\(map)'") }
+                do throws(Errno) {
+                    let id = try w.kernel.pin(address: m.address + offset, length: UAPI.pageSize, longterm: false)
+                    w.registers[a] = id
+                    return StepResult("faulted in and pinned: pin \(id)")
+                } catch {
+                    return StepResult("\(error.name): nothing pinned")
+                }
+            },
+        ]
+    }
+
+    /// A scenario step run whole, reporting the no-leak and no-loss violations the
+    /// backend saw across it.
+    func atomic(_ s: Step) -> ExploreStep {
+        ExploreStep(s.opName, effect: nil, blocked: faultBlocks(s.op)) { [backend, runner] w, _ in
             Self.restore(runner, w)
-            guard let m = try? runner.mapping(map) else { return false }
-            return w.kernel.hostFaultWouldBlock(address: m.address + offset, write: write)
+            backend.kernel = w.kernel
+            _ = backend.takeTransitionViolations()
+            let r = runner.run(s)
+            w.kernel = backend.kernel
+            w.context = AnyHashable(runner.handles)
+            return StepResult(Self.describe(r), violations: backend.takeTransitionViolations())
         }
+    }
+
+    /// A host access that must fault sleeps while a conversion holds the file's
+    /// filemap_invalidate_lock (kvm_gmem_fault_user_mapping() takes it shared); so
+    /// does an SVA device's DMA that misses its IOTLB and faults the same way.
+    func faultBlocks(_ op: Op) -> ((World) -> Bool)? {
+        switch op {
+        case .hostRead(let map, let offset, _), .hostWrite(let map, let offset, _):
+            let write = if case .hostWrite = op { true } else { false }
+            return { [runner] w in
+                Self.restore(runner, w)
+                guard let m = try? runner.mapping(map) else { return false }
+                return w.kernel.hostFaultWouldBlock(address: m.address + offset, write: write)
+            }
+        case .dmaRead(let domain, let iova, _), .dmaWrite(let domain, let iova, _):
+            let write = if case .dmaWrite = op { true } else { false }
+            return { [runner] w in
+                Self.restore(runner, w)
+                guard let d = try? runner.domain(domain), let a = try? runner.address(iova) else { return false }
+                return w.kernel.dmaWouldBlock(domain: d.id, iova: a, write: write)
+            }
+        default:
+            return nil
+        }
+    }
+
+    /// A hypervisor-managed IOMMU map of guest_memfd pages in the two steps a
+    /// conversion could run between if the map did not hold filemap_invalidate_lock:
+    /// the ownership check, then the install. Other domains' maps run whole.
+    func splitIOMMUMap(_ s: Step, domain: String, iova: UInt64, fd: Ref, offset: UInt64, length: UInt64, at: Int) -> [ExploreStep] {
+        let done = at + 2
+        let whole = atomic(s)
+        return [
+            ExploreStep("iommu_map: check shared", effect: nil, blocked: { [runner] w in
+                Self.restore(runner, w)
+                guard let f = try? runner.fd(fd) else { return false }
+                return w.kernel.iommuMapWouldBlock(fd: f.raw)
+            }) { [runner] w, a in
+                Self.restore(runner, w)
+                guard let d = try? runner.domain(domain), w.kernel.iommuModel(ofDomain: d.id) == .hypervisor, let f = try? runner.fd(fd) else {
+                    let r = whole.run(&w, a)
+                    return StepResult(r.saw, next: .step(done), violations: r.violations)
+                }
+                do throws(Errno) {
+                    w.iommuMaps[a] = try w.kernel.beginIOMMUMap(domain: d.id, iova: iova, fd: f.raw, offset: offset, length: length)
+                    return StepResult("pages shared; filemap_invalidate_lock held shared")
+                } catch {
+                    return StepResult(error.name, next: .step(done))
+                }
+            },
+            ExploreStep("iommu_map: install") { w, a in
+                guard let p = w.iommuMaps.removeValue(forKey: a) else { return StepResult("nothing to install") }
+                do throws(Errno) {
+                    try w.kernel.commitIOMMUMap(p)
+                    return StepResult("mapped; lock released")
+                } catch {
+                    return StepResult(error.name)
+                }
+            },
+        ]
     }
 
     /// In-place to-private in the two steps the explorer can interleave others
@@ -106,7 +202,11 @@ public final class ExploreRunner {
     /// host faults on the file wait.
     func splitToPrivate(_ fd: Ref, offset: UInt64, size: UInt64) -> [ExploreStep] {
         [
-            ExploreStep("convert to private: unmap, refcount check") { [runner] w, a in
+            ExploreStep("convert to private: unmap, refcount check", blocked: { [runner] w in
+                Self.restore(runner, w)
+                guard let f = try? runner.fd(fd) else { return false }
+                return w.kernel.conversionWouldBlock(fd: f.raw)
+            }) { [runner] w, a in
                 Self.restore(runner, w)
                 guard let f = try? runner.fd(fd) else { return StepResult("no file '\(fd)'", next: .step(Int.max)) }
                 let (pending, outcome) = w.kernel.beginToPrivate(f.raw, offset: offset, size: size)
@@ -121,6 +221,38 @@ public final class ExploreRunner {
                 guard let p = w.conversions.removeValue(forKey: a) else { return StepResult("nothing pending") }
                 w.kernel.commitToPrivate(p)
                 return StepResult("private; lock released")
+            },
+        ]
+    }
+
+    /// close(2) in the two steps memslot updates can run between: the last fput (the
+    /// file is dying), then kvm_gmem_release() under slots_lock.
+    func splitClose(_ ref: Ref, at: Int) -> [ExploreStep] {
+        let done = at + 2
+        return [
+            ExploreStep("close: fput") { [runner] w, a in
+                Self.restore(runner, w)
+                guard let f = try? runner.fd(ref) else { return StepResult("no file '\(ref)'", next: .step(done)) }
+                let r = Result { () throws(Errno) in try w.kernel.closeDeferringRelease(f.raw) }
+                if case .name(let n) = ref {
+                    // A closed name stays resolvable, to an fd that is never valid.
+                    var h = runner.handles
+                    h.fds[n] = FD(-1)
+                    runner.handles = h
+                    w.context = AnyHashable(h)
+                }
+                switch r {
+                case .failure(let e): return StepResult(e.name, next: .step(done))
+                case .success(nil): return StepResult("closed", next: .step(done))
+                case .success(let p?):
+                    w.releases[a] = p
+                    return StepResult("last reference dropped: the file is dying")
+                }
+            },
+            ExploreStep("close: kvm_gmem_release") { w, a in
+                guard let p = w.releases.removeValue(forKey: a) else { return StepResult("nothing to release") }
+                w.kernel.finishRelease(p)
+                return StepResult("bindings dropped, SPTEs zapped")
             },
         ]
     }

@@ -1,4 +1,5 @@
 import GMemBackend
+import GMemModel
 
 /// A handle a step refers to: a name bound by an earlier step's `as`, or a raw fd
 /// number (to show what the kernel does with a closed or bogus descriptor).
@@ -167,6 +168,8 @@ public struct Scenario: Hashable, Sendable {
     public var steps: [Step]
     /// Actors for `gmem explore`; empty for a plain scenario.
     public var actors: [ActorSpec] = []
+    /// Mutants the explorer must find with this file (`gmem explore --mutants`).
+    public var catches: [Mutant] = []
 }
 
 /// One actor of an exploration: a name and its program.

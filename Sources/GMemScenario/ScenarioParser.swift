@@ -1,4 +1,5 @@
 import GMemBackend
+import GMemModel
 
 /// Reads scenario files into typed steps, checking every op, field, number and
 /// handle name before anything runs.
@@ -32,8 +33,8 @@ public enum ScenarioParser {
         guard case .object(let top) = json else {
             throw ScenarioError(file: file, message: "expected a JSON object with \"name\" and \"steps\"")
         }
-        for key in top.keys where !["name", "description", "requires", "policies", "steps", "actors", "comment"].contains(key) {
-            throw ScenarioError(file: file, field: key, message: "unknown top-level field (expected name, description, requires, policies, steps, actors)")
+        for key in top.keys where !["name", "description", "requires", "policies", "steps", "actors", "catches", "comment"].contains(key) {
+            throw ScenarioError(file: file, field: key, message: "unknown top-level field (expected name, description, requires, policies, steps, actors, catches)")
         }
         var binding: BindingOwnership?
         if let p = top["policies"] {
@@ -89,8 +90,21 @@ public enum ScenarioParser {
             steps.append(step)
         }
         let actors = try readActors(top["actors"], file: file, names: names, firstIndex: steps.count)
+        var catches: [Mutant] = []
+        if let c = top["catches"] {
+            let known = Mutant.allCases.map(\.rawValue).joined(separator: ", ")
+            guard case .array(let items) = c else {
+                throw ScenarioError(file: file, field: "catches", message: "expected a list of mutant names (\(known))")
+            }
+            for item in items {
+                guard case .string(let s) = item, let m = Mutant(rawValue: s) else {
+                    throw ScenarioError(file: file, field: "catches", message: "unknown mutant \(item.rendered) (expected \(known))")
+                }
+                catches.append(m)
+            }
+        }
         return Scenario(file: file, name: name, description: description, requires: requires, binding: binding, steps: steps,
-                        actors: actors)
+                        actors: actors, catches: catches)
     }
 
     /// `"actors": [{"name", "program": [steps]}]` for `gmem explore`: the steps read as

@@ -44,32 +44,82 @@ struct Explore: ParsableCommand {
     @Option(help: "Print progress to stderr every this many steps (0: never).")
     var progress = 100_000
 
-    @Argument(help: "A scenario file with actors.")
-    var file: String
+    @Flag(name: .customLong("mutants"), help: """
+        Run every mutant each file says it catches (its "catches" list) under the exhaustive \
+        search and print a table; fail if one goes unnoticed or some mutant has no file.
+        """)
+    var sweep = false
+
+    @Argument(help: "Scenario files, or directories of them. A file's actors are interleaved; a file without actors runs its steps as one actor.")
+    var files: [String]
 
     func run() throws {
-        let scenario: Scenario
-        switch readTextFile(file) {
-        case .failure(let p):
-            emitError("\(file): cannot read: \(p.message)")
-            throw ExitCode(2)
-        case .success(let text):
-            do { scenario = try ScenarioParser.parse(text: text, file: file) } catch {
-                emitError("\(error)")
+        let paths = expandScenarioPaths(files)
+        var scenarios: [Scenario] = []
+        for path in paths {
+            switch readTextFile(path) {
+            case .failure(let p):
+                emitError("\(path): cannot read: \(p.message)")
                 throw ExitCode(2)
+            case .success(let text):
+                do { scenarios.append(try ScenarioParser.parse(text: text, file: path)) } catch {
+                    emitError("\(error)")
+                    throw ExitCode(2)
+                }
             }
         }
-        guard !scenario.actors.isEmpty else {
-            emitError("\(file): field 'actors': missing or empty (gmem explore needs actors to interleave)")
+        if depth < 1 {
+            emitError("--depth: expected at least 1, got \(depth)")
             throw ExitCode(2)
         }
-        var config = modelConfig.config
-        config.mutants = Set(mutants)
+        if sweep { return try sweepMutants(scenarios) }
+        if scenarios.count == 1 { return try explore(scenarios[0]) }
+        if replay != nil {
+            emitError("--replay: give exactly one file (got \(scenarios.count))")
+            throw ExitCode(2)
+        }
+        try exploreAll(scenarios)
+    }
+
+    var config: ModelConfig {
+        var c = modelConfig.config
+        c.mutants = Set(mutants)
+        return c
+    }
+
+    var how: String {
+        switch strategy {
+        case .exhaustive: "exhaustive, preemption bound \(preemptionBound)"
+        case .random: "random, seed \(seed)"
+        case .pct: "PCT, depth \(depth), seed \(seed)"
+        }
+    }
+
+    func search(_ e: Explorer) -> ExploreSummary {
+        switch strategy {
+        case .exhaustive: e.exhaustive(preemptionBound: preemptionBound)
+        case .random: e.random(seed: seed, count: schedules)
+        case .pct: e.pct(seed: seed, depth: depth, count: schedules)
+        }
+    }
+
+    /// The runner for `scenario`, or why it cannot run (exit status 2 for a setup
+    /// failure; nil runner for a skip).
+    func runner(_ scenario: Scenario) throws -> ExploreRunner? {
         let r = ExploreRunner(scenario, config: config)
+        if r.skipReason != nil { return nil }
         for f in r.setupFailures {
-            emitError("\(file): step \(f.index) (\(f.op)): setup failed: \(f.message ?? f.status.rawValue)")
+            emitError("\(scenario.file): step \(f.index) (\(f.op)): setup failed: \(f.message ?? f.status.rawValue)")
         }
         if !r.setupFailures.isEmpty { throw ExitCode(2) }
+        return r
+    }
+
+    func explore(_ scenario: Scenario) throws {
+        guard let r = try runner(scenario) else {
+            print("\(scenario.name): skipped: \(ExploreRunner(scenario, config: config).skipReason ?? "")")
+            return
+        }
         var e = r.explorer
         if progress > 0 {
             e.progressEvery = progress
@@ -92,21 +142,8 @@ struct Explore: ParsableCommand {
         }
 
         let t0 = monotonicSeconds()
-        if depth < 1 {
-            emitError("--depth: expected at least 1, got \(depth)")
-            throw ExitCode(2)
-        }
-        let summary = switch strategy {
-        case .exhaustive: e.exhaustive(preemptionBound: preemptionBound)
-        case .random: e.random(seed: seed, count: schedules)
-        case .pct: e.pct(seed: seed, depth: depth, count: schedules)
-        }
+        let summary = search(e)
         let seconds = monotonicSeconds() - t0
-        let how = switch strategy {
-        case .exhaustive: "exhaustive, preemption bound \(preemptionBound)"
-        case .random: "random, seed \(seed)"
-        case .pct: "PCT, depth \(depth), seed \(seed)"
-        }
         print("\(how): \(summary.schedules) schedules, \(summary.states) distinct states, \(summary.steps) steps in \((seconds * 1000).rounded() / 1000) s (\(Int(Double(summary.steps) / max(seconds, 1e-9))) steps/s)")
         guard let c = summary.counterexample else {
             print("no violation")
@@ -117,7 +154,61 @@ struct Explore: ParsableCommand {
         for t in c.trace { print("  \(t)") }
         for v in c.violations { print("  \(v)") }
         let mutantFlags = mutants.map { " --mutant \($0.rawValue)" }.joined()
-        print("replay: gmem explore\(mutantFlags) --replay \(c.schedule) \(file)")
+        print("replay: gmem explore\(mutantFlags) --replay \(c.schedule) \(scenario.file)")
         throw ExitCode(1)
+    }
+
+    /// Several files: one line each, then the totals.
+    func exploreAll(_ scenarios: [Scenario]) throws {
+        var total = ExploreSummary()
+        var failed = 0, skipped = 0
+        let t0 = monotonicSeconds()
+        for s in scenarios {
+            guard let r = try runner(s) else {
+                skipped += 1
+                emit("\(s.file): skipped: \(ExploreRunner(s, config: config).skipReason ?? "")")
+                continue
+            }
+            let t = monotonicSeconds()
+            let summary = search(r.explorer)
+            let ms = ((monotonicSeconds() - t) * 1000).rounded()
+            total.schedules += summary.schedules
+            total.states += summary.states
+            total.steps += summary.steps
+            let actors = r.explorer.actors.count
+            var line = "\(s.file): \(actors) actor\(actors == 1 ? "" : "s"), \(summary.schedules) schedules, \(summary.states) states, \(summary.steps) steps, \(Int(ms)) ms: "
+            if let c = summary.counterexample {
+                failed += 1
+                let what = c.livelock ? "LIVELOCK" : c.deadlock ? "DEADLOCK" : "VIOLATION \(c.violations.first.map { "\($0)" } ?? "")"
+                line += "\(what) (schedule \(c.schedule); replay with --replay \(c.schedule) \(s.file))"
+            } else {
+                line += "no violation"
+            }
+            emit(line)
+        }
+        let seconds = monotonicSeconds() - t0
+        emit("\(how): \(scenarios.count - skipped) files, \(total.schedules) schedules, \(total.states) distinct states, \(total.steps) steps in \((seconds * 100).rounded() / 100) s; \(failed) with a violation, \(skipped) skipped")
+        if failed > 0 { throw ExitCode(1) }
+    }
+
+    /// `--mutants`: each file's declared mutants, caught or not, as a markdown table.
+    func sweepMutants(_ scenarios: [Scenario]) throws {
+        let results = MutantSweep.run(scenarios, preemptionBound: preemptionBound, config: modelConfig.config)
+        emit("| mutant | file | schedules until caught | states | time | schedule |")
+        emit("|---|---|---|---|---|---|")
+        for r in results {
+            let name = r.file.split(separator: "/").last.map(String.init) ?? r.file
+            let ms = r.seconds * 1000
+            let time = ms < 10 ? "\((ms * 10).rounded() / 10) ms" : "\(Int(ms.rounded())) ms"
+            emit("| `\(r.mutant.rawValue)` | \(name) | \(r.schedules) | \(r.states) | \(time) | \(r.schedule.map { "`\($0)`" } ?? "**not caught**") |")
+        }
+        let missed = results.filter { !$0.caught }
+        let uncovered = MutantSweep.uncovered(scenarios)
+        let slow = results.filter { $0.seconds > 10 }
+        emit("\(Set(results.filter(\.caught).map(\.mutant)).count) of \(Mutant.allCases.count) mutants caught (exhaustive, preemption bound \(preemptionBound)); slowest \(((results.map(\.seconds).max() ?? 0) * 1000).rounded()) ms")
+        for m in missed { emitError("\(m.file): \(m.mutant.rawValue) went unnoticed (\(m.schedules) schedules)") }
+        for m in uncovered { emitError("\(m.rawValue): no file lists it in \"catches\"") }
+        for m in slow { emitError("\(m.file): \(m.mutant.rawValue) took \(m.seconds) s (over 10 s)") }
+        if !missed.isEmpty || !uncovered.isEmpty || !slow.isEmpty { throw ExitCode(1) }
     }
 }

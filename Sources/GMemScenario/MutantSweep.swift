@@ -1,0 +1,53 @@
+import GMemBackend
+import GMemModel
+
+/// One mutant against one race file: did the explorer find it, how soon.
+public struct MutantCatch: Sendable {
+    public var mutant: Mutant
+    public var file: String
+    /// Schedules run until the violation (or in all, when none was found).
+    public var schedules: Int
+    public var states: Int
+    public var steps: Int
+    public var seconds: Double
+    /// The shrunk failing schedule; nil when the mutant went unnoticed.
+    public var schedule: Schedule?
+    /// The first violation it printed.
+    public var violation: Violation?
+    public var caught: Bool { schedule != nil }
+}
+
+/// Runs each file's declared mutants (`"catches"`) under the exhaustive explorer:
+/// the proof that the explorer finds what the file says it does.
+public enum MutantSweep {
+    /// Every (file, mutant it catches) pair, in file order. Files whose setup fails
+    /// under a mutant count as not caught.
+    ///
+    /// - Complexity: one exhaustive exploration per pair.
+    public static func run(_ scenarios: [Scenario], preemptionBound: Int = 2, config: ModelConfig = .mainline) -> [MutantCatch] {
+        var out: [MutantCatch] = []
+        let clock = ContinuousClock()
+        for s in scenarios {
+            for m in s.catches {
+                var c = config
+                c.mutants = [m]
+                var summary = ExploreSummary()
+                let elapsed = clock.measure {
+                    let r = ExploreRunner(s, config: c)
+                    summary = r.explorer.exhaustive(preemptionBound: preemptionBound)
+                }
+                let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+                let ce = summary.counterexample.flatMap { $0.violations.isEmpty ? nil : $0 }
+                out.append(MutantCatch(mutant: m, file: s.file, schedules: summary.schedules, states: summary.states,
+                                       steps: summary.steps, seconds: seconds, schedule: ce?.schedule, violation: ce?.violations.first))
+            }
+        }
+        return out
+    }
+
+    /// Mutants no file declares: the explorer is not shown to catch them.
+    public static func uncovered(_ scenarios: [Scenario]) -> [Mutant] {
+        let covered = Set(scenarios.flatMap(\.catches))
+        return Mutant.allCases.filter { !covered.contains($0) }
+    }
+}
