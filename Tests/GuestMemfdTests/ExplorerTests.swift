@@ -28,7 +28,7 @@ struct ExplorerTests {
     /// A vCPU that writes the first page: fault (resolve), install or retry, access.
     static func vcpu(_ fd: Int32) -> ExploreActor {
         ExploreActor("vcpu0", ExploreStep.guestFault(at: 0, gpa: gpa, write: true) { _ in fd } + [
-            ExploreStep("guest write") { w, _ in
+            ExploreStep("guest write", effect: .writes) { w, _ in
                 let o = try? w.kernel.guestAccess(vcpu: fd, GuestAccess(gpa: gpa, kind: .write([0x5a])))
                 return StepResult("\(o.map { "\($0)" } ?? "error")")
             },
@@ -37,7 +37,7 @@ struct ExplorerTests {
 
     static func punch(_ gmem: Int32) -> ExploreActor {
         ExploreActor("vmm", [
-            ExploreStep("fallocate(PUNCH_HOLE) page 0") { w, _ in
+            ExploreStep("fallocate(PUNCH_HOLE) page 0", effect: .destructive) { w, _ in
                 let r = Result { () throws(Errno) in
                     try w.kernel.fallocate(gmem, mode: UAPI.FALLOC_FL_PUNCH_HOLE | UAPI.FALLOC_FL_KEEP_SIZE, offset: 0, length: 4096)
                 }
@@ -176,24 +176,35 @@ struct ExplorerTests {
 /// `gmem explore`'s files: setup steps, then actors whose programs are interleaved.
 @Suite("Explore files")
 struct ExploreFileTests {
-    static let files = ["fault-vs-punch", "fault-vs-to-shared", "fault-vs-release", "fault-vs-memslot-delete", "gup-fast-vs-to-private", "host-fault-vs-to-private"]
-    /// The interleaving-only mutant each file exists to catch, and the schedule that shows it.
+    /// Every race file in scenarios/explore.
+    static let files = scenarioFiles(repositoryRoot + "/scenarios/explore").map {
+        String($0.split(separator: "/").last!.dropLast(".json".count))
+    }
+    /// The interleaving-only mutant each of these files exists to catch, and the schedule that shows it.
     static let catches: [String: (Mutant, Schedule)] = [
         "fault-vs-punch": (.skipFaultRetry, Schedule([0, 1, 0])),
         "fault-vs-to-shared": (.skipFaultRetry, Schedule([0, 1, 0])),
         // Needs each path to keep its own handle names: a close on one path must not
-        // make the name unknown on the next.
-        "fault-vs-release": (.skipFaultRetry, Schedule([0, 1, 0])),
+        // make the name unknown on the next. The close is fput then release.
+        "fault-vs-release": (.skipFaultRetry, Schedule([0, 1, 1, 0])),
         "fault-vs-memslot-delete": (.skipFaultRetry, Schedule([0, 1, 0])),
         "gup-fast-vs-to-private": (.gupFastSkipRecheck, Schedule([0, 1, 1, 0, 0])),
         "host-fault-vs-to-private": (.conversionDropsInvalidateLock, Schedule([1, 0, 1])),
+        // The memslot goes between the last fput and kvm_gmem_release().
+        "release-vs-unbind": (.unbindSkipsDyingFile, Schedule([0, 1])),
+        // The conversion runs whole between the map's check and its install.
+        "iommu-map-vs-to-private": (.iommuMapDropsInvalidateLock, Schedule([0, 1, 1, 0])),
     ]
 
-    static func runner(_ name: String, _ mutants: Set<Mutant> = []) throws -> ExploreRunner {
+    static func scenario(_ name: String) throws -> Scenario {
         let path = repositoryRoot + "/scenarios/explore/\(name).json"
+        return try ScenarioParser.parse(text: try #require(readFile(path)), file: path)
+    }
+
+    static func runner(_ name: String, _ mutants: Set<Mutant> = []) throws -> ExploreRunner {
         var config = ModelConfig.mainline
         config.mutants = mutants
-        let r = ExploreRunner(try ScenarioParser.parse(text: try #require(readFile(path)), file: path), config: config)
+        let r = ExploreRunner(try scenario(name), config: config)
         #expect(r.setupFailures.isEmpty)
         return r
     }
@@ -205,7 +216,7 @@ struct ExploreFileTests {
         #expect(s.schedules >= 2, "the other actor before, inside or after the split operation's window")
     }
 
-    @Test("each interleaving-only mutant is caught with a replayable schedule", arguments: files)
+    @Test("each interleaving-only mutant is caught with a replayable schedule", arguments: catches.keys.sorted())
     func mutantCaught(_ name: String) throws {
         let (mutant, schedule) = try #require(Self.catches[name])
         let e = try Self.runner(name, [mutant]).explorer
@@ -214,7 +225,7 @@ struct ExploreFileTests {
         #expect(e.replay(c.schedule).violations == c.violations)
     }
 
-    @Test("PCT finds each mutant too, the same way for the same seed", arguments: files)
+    @Test("PCT finds each mutant too, the same way for the same seed", arguments: catches.keys.sorted())
     func pctFindsTheMutant(_ name: String) throws {
         let (mutant, schedule) = try #require(Self.catches[name])
         let e = try Self.runner(name, [mutant]).explorer
@@ -236,22 +247,25 @@ struct ExploreFileTests {
         #expect(after.trace.last?.saw.hasPrefix("SIGBUS") == true, "\(after.trace)")
     }
 
-    /// Mutants a sequential scenario already catches; the race files catch them too,
-    /// on the first schedule (no preemption needed).
-    @Test("the race files catch sequential mutants too", arguments: [
-        ("fault-vs-punch", Mutant.skipPunchZap), ("fault-vs-to-shared", .skipAttributeZap),
-        ("fault-vs-release", .releaseWithoutZap), ("gup-fast-vs-to-private", .skipRefcountCheck),
-    ])
-    func sequentialMutantsToo(_ name: String, _ mutant: Mutant) throws {
-        let s = try Self.runner(name, [mutant]).explorer.exhaustive(preemptionBound: 2)
-        let c = try #require(s.counterexample)
-        #expect(s.schedules == 1)
-        #expect(!c.violations.isEmpty)
+    /// Each mutant a file lists in "catches" is found, and its schedule replays to the
+    /// same violations.
+    @Test("every mutant a file lists is caught, replayably", arguments: files)
+    func listedMutantsCaught(_ name: String) throws {
+        let s = try Self.scenario(name)
+        #expect(!s.catches.isEmpty)
+        for r in MutantSweep.run([s]) {
+            let schedule = try #require(r.schedule, "\(r.mutant.rawValue) went unnoticed in \(name)")
+            var config = ModelConfig.mainline
+            config.mutants = [r.mutant]
+            #expect(ExploreRunner(s, config: config).explorer.replay(schedule).violations.first == r.violation)
+        }
     }
 
-    @Test func everyInterleavingOnlyMutantHasAFile() {
-        let covered = Set(Self.catches.values.map(\.0))
-        #expect(covered == Set(Mutant.allCases.filter(\.needsInterleaving)))
+    /// The explorer is shown to catch every mutant: each is listed by some race file.
+    @Test func everyMutantHasARaceFile() throws {
+        let scenarios = try Self.files.map(Self.scenario)
+        #expect(MutantSweep.uncovered(scenarios) == [])
+        #expect(Set(Self.catches.values.map(\.0)) == Set(Mutant.allCases.filter(\.needsInterleaving)))
     }
 
     /// Pin first, and the conversion sees the pin: EAGAIN, nothing private is pinned.
@@ -260,8 +274,72 @@ struct ExploreFileTests {
         let r = e.replay(Schedule([0, 0, 0, 1]))
         #expect(r.violations.isEmpty)
         #expect(r.trace.last?.saw.hasPrefix("EAGAIN") == true, "\(r.trace)")
+        // The conversion unmaps between walk and grab: the recheck lets go, and the
+        // slow path waits for the conversion, then cannot fault a private page in.
         let late = e.replay(Schedule([0, 1, 0, 0]))
-        #expect(late.trace.last?.saw == "PTE changed: unpinned, GUP-fast fails")
+        #expect(late.trace.last?.saw == "PTE changed: unpinned; slow path")
+        #expect(e.replay(Schedule([0, 1, 0, 0, 0])).trace.last?.saw == "blocked: cannot run here")
+        let slow = e.replay(Schedule([0, 1, 0, 0, 1, 0]))
+        #expect(slow.violations.isEmpty)
+        #expect(slow.trace.last?.saw.hasPrefix("EFAULT") == true, "\(slow.trace)")
+    }
+
+    /// fork between GUP-fast's walk and its grab write-protects the page: the recheck
+    /// lets go, the slow path breaks COW and pins the parent's own copy, and the
+    /// parent's write lands on the pinned page.
+    @Test func forkDuringGUPFastPinsTheParentsCopy() throws {
+        let e = try Self.runner("gup-fast-vs-fork").explorer
+        let r = e.replay(Schedule([0, 1, 0, 0, 0, 0]))
+        #expect(r.violations.isEmpty)
+        #expect(r.trace.map(\.saw)[3] == "PTE changed: unpinned; slow path")
+        #expect(r.trace.map(\.saw)[4].hasPrefix("faulted in and pinned"))
+        // fork first: the PTE is write-protected, GUP-fast goes straight to the slow path.
+        #expect(e.replay(Schedule([1, 0])).trace.last?.saw == "no writable PTE: fall back to the slow path")
+    }
+
+    /// Between the last fput and kvm_gmem_release() the file is dying: a fault through
+    /// its memslot is EFAULT, and deleting the memslot still removes the binding.
+    @Test func aDyingFileFailsFaultsAndLosesItsBindings() throws {
+        let e = try Self.runner("release-vs-unbind").explorer
+        let fault = e.replay(Schedule([0, 2]))
+        #expect(fault.trace.last?.saw.contains("EFAULT") == true, "\(fault.trace)")
+        let r = e.replay(Schedule([0, 1, 0]))
+        #expect(r.violations.isEmpty && r.trace.count == 3)
+    }
+
+    /// A hypervisor IOMMU map holds filemap_invalidate_lock shared from its check to
+    /// its install: the conversion waits; and an SVA DMA that must fault waits for a
+    /// conversion holding it.
+    @Test func devicePathsAndConversionsExcludeEachOther() throws {
+        let map = try Self.runner("iommu-map-vs-to-private").explorer
+        #expect(map.replay(Schedule([0, 1])).trace.last?.saw == "blocked: cannot run here")
+        #expect(map.replay(Schedule([0, 0, 1])).trace.last?.saw.hasPrefix("EAGAIN") == true)
+        #expect(map.replay(Schedule([1, 1, 0])).trace.last?.saw == "EPERM")
+        let sva = try Self.runner("sva-dma-vs-to-private").explorer
+        #expect(sva.replay(Schedule([1, 0])).trace.last?.saw == "blocked: cannot run here")
+        #expect(sva.replay(Schedule([1, 1, 0])).trace.last?.saw.contains("EFAULT") == true)
+    }
+
+    /// The conformance corpus under the explorer: a file without actors runs its
+    /// steps as one actor, with the state and transition invariants checked after
+    /// every step (a sequential run checks them only at check_invariants steps).
+    @Test("the scenario corpus holds every invariant after every step", arguments: ScenarioTests.corpus)
+    func corpusUnderTheExplorer(_ path: String) throws {
+        let s = try ScenarioParser.parse(text: try #require(readFile(path)), file: path)
+        var config = ModelConfig.mainline
+        if s.requires.contains(.noDirectMap) { config = .next }
+        let r = ExploreRunner(s, config: config)
+        #expect(r.skipReason == nil)
+        let summary = r.explorer.exhaustive(preemptionBound: 2)
+        #expect(summary.counterexample == nil, "\(summary.counterexample.map { "\($0.schedule): \($0.violations)" } ?? "")")
+        #expect(summary.schedules == 1 && r.explorer.actors.count == 1)
+    }
+
+    @Test func catchesNamesKnownMutants() {
+        let text = #"{"name": "x", "catches": ["skip-fault-retry", "no-such-bug"], "steps": []}"#
+        #expect {
+            _ = try ScenarioParser.parse(text: text, file: "f.json")
+        } throws: { "\($0)".contains("f.json: field 'catches': unknown mutant \"no-such-bug\"") }
     }
 
     @Test("bad actor programs name the file, step and field", arguments: [
