@@ -98,7 +98,7 @@ public struct Kernel: Hashable {
     /// IOMMU domains.
     var iommuDomains: [UInt64: IOMMUDomain] = [:]
     /// Counters for the policy comparison (pages zeroed and copied live in `phys`).
-    var counters = Stats()
+    @Bookkeeping var counters = Stats()
     public var stats: Stats {
         var s = counters
         s.pagesZeroed = phys.pagesZeroed

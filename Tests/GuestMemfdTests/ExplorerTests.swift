@@ -165,6 +165,21 @@ struct ExplorerTests {
 
     final class Counter: @unchecked Sendable { var steps: [Int] = [] }
 
+    /// Statistics are not state: kernels that differ only in what they counted are the
+    /// same state to the explorer; kernels whose pages hold different bytes are not.
+    @Test func statesIgnoreStatisticsButNotBytes() throws {
+        var a = try Self.world(.mainline).0.kernel
+        let pfn = a.phys.allocate()
+        var b = a
+        b.phys.zero(pfn)
+        b.counters.conversionsDone += 3
+        #expect(a == b && a.hashValue == b.hashValue)
+        a.phys.write(pfn, offset: 7, [1][...])
+        #expect(a != b)
+        b.phys.write(pfn, offset: 7, [1][...])
+        #expect(a == b && a.hashValue == b.hashValue)
+    }
+
     @Test func badSchedulesEndWithANote() throws {
         let e = try Self.explorer(.punch, .mainline)
         #expect(Schedule(parsing: "0.x") == nil)

@@ -1,9 +1,24 @@
 import GMemBackend
 
+/// Bookkeeping that is not part of the system's state (statistics): two kernels that
+/// differ only in it are the same state to the explorer's hashing and equality.
+@propertyWrapper
+struct Bookkeeping<Value>: Hashable {
+    var wrappedValue: Value
+    init(wrappedValue: Value) { self.wrappedValue = wrappedValue }
+    static func == (_: Self, _: Self) -> Bool { true }
+    func hash(into _: inout Hasher) {}
+}
+
 /// One physical page frame: its bytes and the counts the kernel keeps in struct page.
 struct Frame: Hashable {
     /// The page's bytes; nil means all zero, so untouched memory costs nothing.
-    var data: [UInt8]?
+    var data: [UInt8]? {
+        didSet { dataDigest = Self.digest(data) }
+    }
+    /// A hash of `data`, kept current on every write: the explorer hashes every state
+    /// it reaches, and hashing each page's bytes there was half of its time.
+    private(set) var dataDigest = 0
     /// References: the page cache holds one, each host PTE one, each GUP pin one.
     var refcount: Int32 = 1
     /// Host page-table entries that map the frame.
@@ -12,6 +27,27 @@ struct Frame: Hashable {
     var pincount: Int32 = 0
     /// memory_failure() marked the frame poisoned.
     var hwpoison = false
+
+    static func digest(_ data: [UInt8]?) -> Int {
+        guard let data else { return 0 }
+        var h = Hasher()
+        data.withUnsafeBytes { h.combine(bytes: $0) }
+        return h.finalize()
+    }
+
+    func hash(into hasher: inout Hasher) {
+        hasher.combine(dataDigest)
+        hasher.combine(refcount)
+        hasher.combine(mapcount)
+        hasher.combine(pincount)
+        hasher.combine(hwpoison)
+    }
+
+    /// - Complexity: O(1) unless the digests match, then O(page size).
+    static func == (a: Frame, b: Frame) -> Bool {
+        a.dataDigest == b.dataDigest && a.refcount == b.refcount && a.mapcount == b.mapcount && a.pincount == b.pincount
+            && a.hwpoison == b.hwpoison && a.data == b.data
+    }
 }
 
 /// The host's physical memory: frames by page frame number, allocated on demand.
@@ -22,8 +58,8 @@ struct PhysicalMemory: Hashable {
     private(set) var frames: [UInt64: Frame] = [:]
     private var nextPFN: UInt64 = 0x100
     /// Pages cleared and pages copied, for the policy comparison.
-    private(set) var pagesZeroed = 0
-    private(set) var pagesCopied = 0
+    @Bookkeeping private(set) var pagesZeroed = 0
+    @Bookkeeping private(set) var pagesCopied = 0
 
     static let pageSize = Int(UAPI.pageSize)
 
