@@ -391,3 +391,31 @@ extension Backend {
         try createVM(type: type, conversion: .attributes)
     }
 }
+
+extension VMExit: CustomStringConvertible {
+    /// The exit as KVM names it, with its payload in hex (for traces).
+    public var description: String {
+        func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
+        switch self {
+        case .memoryFault(let flags, let gpa, let size):
+            let kind = flags & UAPI.KVM_MEMORY_EXIT_FLAG_PRIVATE != 0 ? "private" : "shared"
+            return "KVM_EXIT_MEMORY_FAULT \(kind) gpa \(hex(gpa)) size \(hex(size))"
+        case .mmio(let gpa, let length, let isWrite):
+            return "KVM_EXIT_MMIO \(isWrite ? "write" : "read") gpa \(hex(gpa)) len \(length)"
+        case .shutdown: return "KVM_EXIT_SHUTDOWN"
+        case .internalError(let sub): return "KVM_EXIT_INTERNAL_ERROR suberror \(sub)"
+        case .hypercall(let nr, let args): return "KVM_EXIT_HYPERCALL nr \(nr) args \(args.map(hex).joined(separator: " "))"
+        case .other(let reason): return "exit reason \(reason)"
+        }
+    }
+}
+
+extension GuestOutcome: CustomStringConvertible {
+    public var description: String {
+        switch self {
+        case .completed(let bytes): return bytes.isEmpty ? "completed" : "completed, read " + bytes.prefix(8).map { String($0, radix: 16) }.joined(separator: " ")
+        case .exit(let e): return e.description
+        case .failed(let errno, let exit): return "\(errno.name)" + (exit.map { " with \($0)" } ?? "")
+        }
+    }
+}
