@@ -12,6 +12,7 @@ let package = Package(
             name: "gmem-bench",
             dependencies: [
                 .product(name: "GMemModel", package: "GuestMemfd"),
+                .product(name: "GMemScenario", package: "GuestMemfd"),
                 .product(name: "GMemBackend", package: "GuestMemfd"),
                 .product(name: "GMemKernel", package: "GuestMemfd"),
                 .product(name: "GMemVMM", package: "GuestMemfd"),

@@ -171,12 +171,12 @@ struct Explore: ParsableCommand {
             }
             let t = monotonicSeconds()
             let summary = search(r.explorer)
-            let ms = ((monotonicSeconds() - t) * 1000).rounded()
+            let ms = ((monotonicSeconds() - t) * 10_000).rounded() / 10
             total.schedules += summary.schedules
             total.states += summary.states
             total.steps += summary.steps
             let actors = r.explorer.actors.count
-            var line = "\(s.file): \(actors) actor\(actors == 1 ? "" : "s"), \(summary.schedules) schedules, \(summary.states) states, \(summary.steps) steps, \(Int(ms)) ms: "
+            var line = "\(s.file): \(actors) actor\(actors == 1 ? "" : "s"), \(summary.schedules) schedules, \(summary.states) states, \(summary.steps) steps, \(ms) ms: "
             if let c = summary.counterexample {
                 failed += 1
                 let what = c.livelock ? "LIVELOCK" : c.deadlock ? "DEADLOCK" : "VIOLATION \(c.violations.first.map { "\($0)" } ?? "")"

@@ -165,6 +165,27 @@ struct ExplorerTests {
 
     final class Counter: @unchecked Sendable { var steps: [Int] = [] }
 
+    /// A state reached again with the same preemptions spent but a different actor
+    /// last to run has continuations the first arrival could not reach within the
+    /// bound: here only b1 a1 a2 b2 (one preemption) has a2 see b1's flag before b2
+    /// clears it, and its state after a1 is the one a1 b1 reached before.
+    @Test func arrivalsWithAnotherLastActorAreExploredAgain() {
+        let flag = 99
+        let bad = Violation(invariant: .coherence, page: "flag", parties: ["a2"], detail: "a2 ran between b1 and b2")
+        let a = ExploreActor("A", [
+            ExploreStep("a1") { _, _ in StepResult("nothing") },
+            ExploreStep("a2") { w, _ in StepResult("looked", violations: w.registers[flag] == 1 ? [bad] : []) },
+        ])
+        let b = ExploreActor("B", [
+            ExploreStep("b1") { w, _ in w.registers[flag] = 1; return StepResult("set") },
+            ExploreStep("b2") { w, _ in w.registers[flag] = 0; return StepResult("cleared") },
+        ])
+        let e = Explorer(initial: World(kernel: Kernel()), actors: [a, b])
+        let c = e.exhaustive(preemptionBound: 1).counterexample
+        #expect(c?.schedule == Schedule([1, 0, 0]))
+        #expect(c?.violations == [bad])
+    }
+
     /// Statistics are not state: kernels that differ only in what they counted are the
     /// same state to the explorer; kernels whose pages hold different bytes are not.
     @Test func statesIgnoreStatisticsButNotBytes() throws {

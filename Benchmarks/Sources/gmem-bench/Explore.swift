@@ -1,5 +1,6 @@
 import GMemBackend
 import GMemModel
+import GMemScenario
 
 #if canImport(Glibc)
 import Glibc
@@ -71,4 +72,45 @@ func explorerBenchmarks() {
     print("random, 2,000 schedules: \(r.states) distinct states, \(r.steps) steps")
     report("  steps per second", Double(r.steps) / rt, Double(r.steps) / seconds.last!, Double(r.steps) / seconds.first!, "steps/s")
     report("  schedules per second", Double(r.schedules) / rt, Double(r.schedules) / seconds.last!, Double(r.schedules) / seconds.first!, "sched/s")
+}
+
+/// The largest bundled race, scenarios/explore/conversion-storm.json (5 actors, 15
+/// steps: two vCPUs, in-place conversions, GUP-fast, a host read, a punch), from its
+/// file as `gmem explore` runs it: exhaustive with preemption bounds 2 and 3, random.
+func stormBenchmarks() {
+    if let only = getenv("GMEM_BENCH_ONLY").map({ String(cString: $0) }), !"explorer storm".contains(only) { return }
+    // Sources/gmem-bench/Explore.swift -> the repository root.
+    let root = "\(#filePath)".split(separator: "/").dropLast(4).joined(separator: "/")
+    let path = "/" + root + "/scenarios/explore/conversion-storm.json"
+    guard let f = fopen(path, "rb") else { print("(no \(path): skipped)"); return }
+    var bytes: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 65536)
+    while case let n = fread(&buf, 1, buf.count, f), n > 0 { bytes += buf[0..<n] }
+    fclose(f)
+    let scenario = try! ScenarioParser.parse(text: String(decoding: bytes, as: UTF8.self), file: path)
+    let runner = ExploreRunner(scenario)
+    precondition(runner.setupFailures.isEmpty)
+    let e = runner.explorer
+    print("")
+    print("conversion-storm.json (\(e.actors.count) actors, \(e.actors.reduce(0) { $0 + $1.steps.count }) steps, every invariant checked after each step), median of \(runs) runs:")
+    func measure(_ what: String, _ body: () -> ExploreSummary) {
+        var last = ExploreSummary()
+        var seconds: [Double] = []
+        for _ in 0..<runs {
+            let t0 = now()
+            last = body()
+            seconds.append(now() - t0)
+        }
+        seconds.sort()
+        precondition(last.counterexample == nil, "the shipped model broke an invariant under exploration")
+        let t = seconds[seconds.count / 2]
+        print("\(what): \(last.schedules) schedules, \(last.states) distinct states, \(last.steps) steps")
+        report("  time", t * 1e3, seconds.first! * 1e3, seconds.last! * 1e3, "ms")
+        report("  steps per second", Double(last.steps) / t, Double(last.steps) / seconds.last!, Double(last.steps) / seconds.first!, "steps/s")
+        report("  distinct states per second", Double(last.states) / t, Double(last.states) / seconds.last!, Double(last.states) / seconds.first!, "states/s")
+        report("  schedules per second", Double(last.schedules) / t, Double(last.schedules) / seconds.last!, Double(last.schedules) / seconds.first!, "sched/s")
+    }
+    measure("exhaustive, preemption bound 2") { e.exhaustive(preemptionBound: 2) }
+    measure("exhaustive, preemption bound 3") { e.exhaustive(preemptionBound: 3) }
+    measure("random, 2,000 schedules") { e.random(seed: 1, count: 2_000) }
 }

@@ -157,6 +157,7 @@ measure("host first touch of 1 GiB via mmap (262,144 faults)", unit: "ns/fault",
 sideBySide()
 vmmBenchmarks()
 explorerBenchmarks()
+stormBenchmarks()
 
 if let only = getenv("GMEM_BENCH_ONLY").map({ String(cString: $0) }), !"baselines".contains(only) { exit(0) }
 print("")

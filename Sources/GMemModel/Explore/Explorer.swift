@@ -112,7 +112,9 @@ public struct Counterexample: Sendable {
 
 /// What an exploration covered.
 public struct ExploreSummary: Sendable {
-    /// Schedules run to their end (every actor done, or stopped by a violation).
+    /// Schedules the search ended: run to their end (every actor done, or stopped by
+    /// a violation), or, in the exhaustive search, joined to a state whose
+    /// continuations were already explored with as much preemption budget left.
     public var schedules = 0
     /// Distinct (world, program counters) states reached.
     public var states = 0
@@ -170,12 +172,18 @@ public struct Explorer {
     }
 
     /// Exhaustive depth-first search over every schedule with at most `preemptionBound`
-    /// preemptions (switching away from an actor that could still run). States already
-    /// reached with no more preemptions spent are not explored again. Stops at the
+    /// preemptions (switching away from an actor that could still run). A state is
+    /// not explored again when an earlier arrival covers every continuation of this
+    /// one: the same last actor with no more preemptions spent, or another last actor
+    /// with at least one fewer spent (enough to switch to this one). Stops at the
     /// first violation.
     public func exhaustive(preemptionBound: Int) -> ExploreSummary {
         var summary = ExploreSummary()
-        var seen: [Position: Int] = [:]
+        /// Per state: the fewest preemptions spent on arriving, by last actor.
+        var seen: [Position: [Int: Int]] = [:]
+        func covered(_ arrivals: [Int: Int], last: Int, spent: Int) -> Bool {
+            arrivals.contains { a, before in a == last ? before <= spent : before + 1 <= spent }
+        }
         var schedule: [Int] = []
         var trace: [TraceEntry] = []
 
@@ -210,9 +218,13 @@ public struct Explorer {
                     summary.counterexample = shrink(Counterexample(schedule: Schedule(schedule), trace: trace, violations: broken, livelock: false))
                     return true
                 }
-                if let before = seen[q] {
-                    // Reached before, so already checked; explore again only if cheaper.
-                    if before <= spent + cost { continue }
+                if let arrivals = seen[q] {
+                    // Reached before, so already checked; explore again only if this
+                    // arrival can reach schedules the earlier ones could not.
+                    if covered(arrivals, last: a, spent: spent + cost) {
+                        summary.schedules += 1
+                        continue
+                    }
                 } else {
                     let violations = q.world.kernel.checkSystemInvariants()
                     if !violations.isEmpty {
@@ -221,7 +233,7 @@ public struct Explorer {
                         return true
                     }
                 }
-                seen[q] = spent + cost
+                seen[q, default: [:]][a] = spent + cost
                 if visit(q, last: a, spent: spent + cost) { return true }
             }
             return false
@@ -232,7 +244,7 @@ public struct Explorer {
         if !violations.isEmpty {
             summary.counterexample = Counterexample(schedule: Schedule([]), trace: [], violations: violations, livelock: false)
         } else {
-            seen[start] = 0
+            seen[start] = [:]
             _ = visit(start, last: nil, spent: 0)
         }
         summary.states = seen.count
