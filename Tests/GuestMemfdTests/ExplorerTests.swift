@@ -195,8 +195,13 @@ struct ExplorerTests {
         b.phys.zero(pfn)
         b.counters.conversionsDone += 3
         #expect(a == b && a.hashValue == b.hashValue)
+        b.phys.write(pfn, offset: 0, [9][...])
+        a = b
         a.phys.write(pfn, offset: 7, [1][...])
         #expect(a != b)
+        var seen: [UInt8] = []
+        b.phys.read(pfn, offset: 7, count: 1, into: &seen)
+        #expect(seen == [0], "a write to one snapshot's page must not reach another's")
         b.phys.write(pfn, offset: 7, [1][...])
         #expect(a == b && a.hashValue == b.hashValue)
     }

@@ -10,15 +10,36 @@ struct Bookkeeping<Value>: Hashable {
     func hash(into _: inout Hasher) {}
 }
 
+/// A page's bytes, shared between snapshots of the kernel until one of them writes,
+/// with a digest computed the first time the page is hashed and dropped when the
+/// bytes change: the explorer hashes every state it reaches, and feeding each page
+/// to the hasher there was half of its time, while a write must stay cheap.
+///
+/// Not Sendable, and neither is the `Kernel` holding it, so Swift 6 keeps a snapshot
+/// on one thread at a time: the cache needs no lock.
+final class PageBytes {
+    /// Mutated only through a uniquely referenced box (`Frame.write`).
+    fileprivate(set) var bytes: [UInt8]
+    private var cachedDigest: Int?
+
+    init(_ bytes: [UInt8]) { self.bytes = bytes }
+
+    var digest: Int {
+        if let cachedDigest { return cachedDigest }
+        var h = Hasher()
+        bytes.withUnsafeBytes { h.combine(bytes: $0) }
+        let d = h.finalize()
+        cachedDigest = d
+        return d
+    }
+
+    fileprivate func forgetDigest() { cachedDigest = nil }
+}
+
 /// One physical page frame: its bytes and the counts the kernel keeps in struct page.
 struct Frame: Hashable {
     /// The page's bytes; nil means all zero, so untouched memory costs nothing.
-    var data: [UInt8]? {
-        didSet { dataDigest = Self.digest(data) }
-    }
-    /// A hash of `data`, kept current on every write: the explorer hashes every state
-    /// it reaches, and hashing each page's bytes there was half of its time.
-    private(set) var dataDigest = 0
+    private var storage: PageBytes?
     /// References: the page cache holds one, each host PTE one, each GUP pin one.
     var refcount: Int32 = 1
     /// Host page-table entries that map the frame.
@@ -28,25 +49,44 @@ struct Frame: Hashable {
     /// memory_failure() marked the frame poisoned.
     var hwpoison = false
 
-    static func digest(_ data: [UInt8]?) -> Int {
-        guard let data else { return 0 }
-        var h = Hasher()
-        data.withUnsafeBytes { h.combine(bytes: $0) }
-        return h.finalize()
+    /// The page's bytes; nil means all zero.
+    var data: [UInt8]? {
+        get { storage?.bytes }
+        set { storage = newValue.map(PageBytes.init) }
+    }
+
+    /// Copies `bytes` in at `offset`: in place when no snapshot shares the page,
+    /// otherwise into a copy (value semantics for the kernel's snapshots).
+    mutating func write(offset: Int, _ bytes: ArraySlice<UInt8>) {
+        if storage == nil {
+            if bytes.allSatisfy({ $0 == 0 }) { return }
+            storage = PageBytes([UInt8](repeating: 0, count: PhysicalMemory.pageSize))
+        } else if !isKnownUniquelyReferenced(&storage!) {
+            storage = PageBytes(storage!.bytes)
+        }
+        storage!.bytes.replaceSubrange(offset..<offset + bytes.count, with: bytes)
+        storage!.forgetDigest()
     }
 
     func hash(into hasher: inout Hasher) {
-        hasher.combine(dataDigest)
+        hasher.combine(storage?.digest ?? 0)
         hasher.combine(refcount)
         hasher.combine(mapcount)
         hasher.combine(pincount)
         hasher.combine(hwpoison)
     }
 
-    /// - Complexity: O(1) unless the digests match, then O(page size).
+    /// - Complexity: O(1) when the bytes are shared or their digests differ; else
+    ///   O(page size).
     static func == (a: Frame, b: Frame) -> Bool {
-        a.dataDigest == b.dataDigest && a.refcount == b.refcount && a.mapcount == b.mapcount && a.pincount == b.pincount
-            && a.hwpoison == b.hwpoison && a.data == b.data
+        guard a.refcount == b.refcount, a.mapcount == b.mapcount, a.pincount == b.pincount, a.hwpoison == b.hwpoison else {
+            return false
+        }
+        switch (a.storage, b.storage) {
+        case (nil, nil): return true
+        case let (x?, y?): return x === y || (x.digest == y.digest && x.bytes == y.bytes)
+        default: return false
+        }
     }
 }
 
@@ -117,11 +157,7 @@ struct PhysicalMemory: Hashable {
     /// Copies `bytes` into the frame at `offset`.
     mutating func write(_ pfn: UInt64, offset: Int, _ bytes: ArraySlice<UInt8>) {
         guard frames[pfn] != nil else { return }
-        if frames[pfn]!.data == nil {
-            if bytes.allSatisfy({ $0 == 0 }) { return }
-            frames[pfn]!.data = [UInt8](repeating: 0, count: Self.pageSize)
-        }
-        frames[pfn]!.data!.replaceSubrange(offset..<offset + bytes.count, with: bytes)
+        frames[pfn]!.write(offset: offset, bytes)
     }
 
     /// Copies one frame's contents into another (COW, migration).
