@@ -57,19 +57,7 @@ public enum ScenarioParser {
             guard case .string(let s) = d else { throw ScenarioError(file: file, field: "description", message: "expected a string") }
             description = s
         }
-        var requires: [Feature] = []
-        if let r = top["requires"] {
-            let known = Feature.allCases.map(\.rawValue).joined(separator: ", ")
-            guard case .array(let items) = r else {
-                throw ScenarioError(file: file, field: "requires", message: "expected a list of features (\(known))")
-            }
-            for item in items {
-                guard case .string(let s) = item, let f = Feature(rawValue: s) else {
-                    throw ScenarioError(file: file, field: "requires", message: "unknown feature \(item.rendered) (expected \(known))")
-                }
-                requires.append(f)
-            }
-        }
+        let requires = try readNames(top["requires"], as: Feature.self, file: file, field: "requires", what: "feature")
         guard case .array(let rawSteps)? = top["steps"] else {
             throw ScenarioError(file: file, field: "steps", message: "missing or not an array of steps")
         }
@@ -90,21 +78,29 @@ public enum ScenarioParser {
             steps.append(step)
         }
         let actors = try readActors(top["actors"], file: file, names: names, firstIndex: steps.count)
-        var catches: [Mutant] = []
-        if let c = top["catches"] {
-            let known = Mutant.allCases.map(\.rawValue).joined(separator: ", ")
-            guard case .array(let items) = c else {
-                throw ScenarioError(file: file, field: "catches", message: "expected a list of mutant names (\(known))")
-            }
-            for item in items {
-                guard case .string(let s) = item, let m = Mutant(rawValue: s) else {
-                    throw ScenarioError(file: file, field: "catches", message: "unknown mutant \(item.rendered) (expected \(known))")
-                }
-                catches.append(m)
-            }
-        }
+        let catches = try readNames(top["catches"], as: Mutant.self, file: file, field: "catches", what: "mutant")
         return Scenario(file: file, name: name, description: description, requires: requires, binding: binding, steps: steps,
                         actors: actors, catches: catches)
+    }
+
+    /// A top-level list of names from a closed set (`requires`, `catches`); an unknown
+    /// name is an error that lists the known ones.
+    static func readNames<T: RawRepresentable & CaseIterable>(_ value: JSON?, as _: T.Type, file: String, field: String, what: String)
+        throws(ScenarioError) -> [T] where T.RawValue == String
+    {
+        guard let value else { return [] }
+        let known = T.allCases.map(\.rawValue).joined(separator: ", ")
+        guard case .array(let items) = value else {
+            throw ScenarioError(file: file, field: field, message: "expected a list of \(what) names (\(known))")
+        }
+        var out: [T] = []
+        for item in items {
+            guard case .string(let s) = item, let v = T(rawValue: s) else {
+                throw ScenarioError(file: file, field: field, message: "unknown \(what) \(item.rendered) (expected \(known))")
+            }
+            out.append(v)
+        }
+        return out
     }
 
     /// `"actors": [{"name", "program": [steps]}]` for `gmem explore`: the steps read as
