@@ -103,11 +103,10 @@ struct Explore: ParsableCommand {
         }
     }
 
-    /// The runner for `scenario`, or why it cannot run (exit status 2 for a setup
-    /// failure; nil runner for a skip).
-    func runner(_ scenario: Scenario) throws -> ExploreRunner? {
+    /// The runner for `scenario` (check its `skipReason`); exit status 2 when the
+    /// setup failed.
+    func runner(_ scenario: Scenario) throws -> ExploreRunner {
         let r = ExploreRunner(scenario, config: config)
-        if r.skipReason != nil { return nil }
         for f in r.setupFailures {
             emitError("\(scenario.file): step \(f.index) (\(f.op)): setup failed: \(f.message ?? f.status.rawValue)")
         }
@@ -116,8 +115,9 @@ struct Explore: ParsableCommand {
     }
 
     func explore(_ scenario: Scenario) throws {
-        guard let r = try runner(scenario) else {
-            print("\(scenario.name): skipped: \(ExploreRunner(scenario, config: config).skipReason ?? "")")
+        let r = try runner(scenario)
+        if let why = r.skipReason {
+            print("\(scenario.name): skipped: \(why)")
             return
         }
         var e = r.explorer
@@ -164,9 +164,10 @@ struct Explore: ParsableCommand {
         var failed = 0, skipped = 0
         let t0 = monotonicSeconds()
         for s in scenarios {
-            guard let r = try runner(s) else {
+            let r = try runner(s)
+            if let why = r.skipReason {
                 skipped += 1
-                emit("\(s.file): skipped: \(ExploreRunner(s, config: config).skipReason ?? "")")
+                emit("\(s.file): skipped: \(why)")
                 continue
             }
             let t = monotonicSeconds()
