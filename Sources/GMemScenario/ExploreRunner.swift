@@ -83,7 +83,7 @@ public final class ExploreRunner {
             ExploreStep("\(what): walk") { [runner] w, a in
                 Self.restore(runner, w)
                 guard let m = try? runner.mapping(map) else { return StepResult("no mapping '\(map)'", next: .step(done)) }
-                guard let g = w.kernel.gupFastWalk(address: m.address + offset) else {
+                guard let g = w.kernel.gupFastWalk(address: m.address + offset, write: true) else {
                     return StepResult("no writable PTE: fall back to the slow path", next: .step(slow))
                 }
                 w.gupFast[a] = g

@@ -134,17 +134,30 @@ struct ExplorerTests {
         let map = try k.mmap(fd: gmem, offset: 0, length: 4096, prot: [.read, .write], shared: true)
         _ = k.setGuestMemfdAttributes(gmem, offset: 0, size: 4096, attributes: 0, flags: 0)
         #expect(k.hostAccess(address: map.address, count: 1, write: [1]) == .completed([]))
-        var live = try #require(k.gupFastWalk(address: map.address))
+        var live = try #require(k.gupFastWalk(address: map.address, write: true))
         let pinned = k.gupFastGrab(&live)
         #expect(pinned, "the folio is live: pinned")
         #expect(k.gupFastRecheck(live) != nil)
         try k.unpin(#require(k.pins.keys.first))
 
-        var stale = try #require(k.gupFastWalk(address: map.address))
+        var stale = try #require(k.gupFastWalk(address: map.address, write: true))
         try k.fallocate(gmem, mode: UAPI.FALLOC_FL_PUNCH_HOLE | UAPI.FALLOC_FL_KEEP_SIZE, offset: 0, length: 4096)
         let grabbed = k.gupFastGrab(&stale)
         #expect(!grabbed, "punched and unmapped since the walk: the folio is gone")
         #expect(k.gupFastRecheck(stale) == nil)
+    }
+
+    /// After fork the parent's anonymous PTE is write-protected (copy-on-write):
+    /// GUP-fast still walks it for a read, but a write pin (FOLL_WRITE) must take the
+    /// slow path, which breaks COW first.
+    @Test func gupFastWritePinsNeedAWritablePTE() throws {
+        var k = Kernel()
+        let map = try k.mmap(fd: nil, offset: 0, length: 4096, prot: [.read, .write], shared: false)
+        #expect(k.hostAccess(address: map.address, count: 1, write: [1]) == .completed([]))
+        #expect(k.gupFastWalk(address: map.address, write: true) != nil)
+        _ = k.fork()
+        #expect(k.gupFastWalk(address: map.address, write: false) != nil)
+        #expect(k.gupFastWalk(address: map.address, write: true) == nil)
     }
 
     @Test func actorsThatAllWaitAreADeadlock() throws {

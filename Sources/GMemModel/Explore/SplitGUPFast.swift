@@ -11,13 +11,13 @@ public struct PendingGUPFast: Hashable, Sendable {
 
 extension Kernel {
     /// gup_fast_pte_range(), first step: read the PTE with interrupts off and no
-    /// lock. nil where GUP-fast gives up and pin_user_pages_fast() falls back to the
-    /// slow path: no PTE, a write-protected one (pte_access_permitted() for the
-    /// FOLL_WRITE a DMA pin asks, which also catches an anonymous page fork shared
-    /// copy-on-write), or a VMA outside the direct map.
-    public func gupFastWalk(address: UInt64) -> PendingGUPFast? {
+    /// lock. nil where GUP-fast gives up and the caller falls back to the slow path:
+    /// no PTE, a write-protected one when `write` (pte_access_permitted() with
+    /// FOLL_WRITE, which also catches an anonymous page fork shared copy-on-write),
+    /// or a VMA outside the direct map.
+    public func gupFastWalk(address: UInt64, write: Bool) -> PendingGUPFast? {
         let vpn = address >> UAPI.pageShift
-        guard let pte = mm.ptes[vpn], pte.writable, !isOutsideDirectMap(vpn) else { return nil }
+        guard let pte = mm.ptes[vpn], pte.writable || !write, !isOutsideDirectMap(vpn) else { return nil }
         return PendingGUPFast(pid: currentPID, vpn: vpn, pte: pte)
     }
 

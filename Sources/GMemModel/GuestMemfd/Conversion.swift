@@ -148,7 +148,7 @@ extension Kernel {
         if length == 0 || overflow || address & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
         var pfns: [UInt64] = []
         for vpn in (address >> UAPI.pageShift)..<((end + UAPI.pageSize - 1) >> UAPI.pageShift) {
-            guard let walked = gupFastWalk(address: vpn << UAPI.pageShift) else {
+            guard let walked = gupFastWalk(address: vpn << UAPI.pageShift, write: false) else {
                 for pfn in pfns { phys.put(pfn) }
                 throw .EFAULT
             }
