@@ -9,12 +9,14 @@ enum ExploreStrategy: String, ExpressibleByArgument, CaseIterable {
 
 struct Explore: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run a scenario's actors in every interleaving, checking the invariants after each step.",
+        abstract: "Run scenarios' actors in every interleaving, checking the invariants after each step.",
         discussion: """
-            The file's steps set the system up once; its actors' programs are then interleaved \
-            (docs/explorer.md). A violation prints the schedule, the labelled trace and the command \
-            that replays it. Exit status: 0 no violation; 1 a violation or livelock; 2 the file is \
-            not valid or its setup failed.
+            A file's steps set the system up once; its actors' programs are then interleaved \
+            (docs/explorer.md). A file without actors runs its steps as one actor, every invariant \
+            checked after every step. A violation prints the schedule, the labelled trace and the \
+            command that replays it; with several files each gets one line. Exit status: 0 no \
+            violation; 1 a violation, livelock or deadlock (or, with --mutants, a mutant not caught); \
+            2 a file is not valid or its setup failed.
             """)
 
     @Option(help: "exhaustive (depth-first, bounded preemptions), random (seeded) or pct (seeded, with --depth).")
@@ -38,7 +40,7 @@ struct Explore: ParsableCommand {
     @Option(name: .customLong("model-config"), help: "mainline, next or pvm-host.")
     var modelConfig: ModelProfile = .mainline
 
-    @Option(name: .customLong("mutant"), help: "A deliberate bug (\(Mutant.allCases.map(\.rawValue).joined(separator: ", "))); repeatable.")
+    @Option(name: .customLong("mutant"), help: "Run the model with a deliberate bug; repeatable.")
     var mutants: [Mutant] = []
 
     @Option(help: "Print progress to stderr every this many steps (0: never).")
