@@ -97,7 +97,7 @@ extension Kernel {
     /// filemap_invalidate_lock shared, check every page is shared.
     public mutating func beginIOMMUMap(domain: UInt64, iova: UInt64, fd: Int32, offset: UInt64, length: UInt64) throws(Errno) -> PendingIOMMUMap {
         guard iommuDomains[domain]?.model == .hypervisor else { throw .EINVAL }
-        let (_, f) = try file(fd)
+        let (fileID, f) = try file(fd)
         guard case .guestMemfd(let ino) = f.kind else { throw .EINVAL }
         if iova & (UAPI.pageSize - 1) != 0 || offset & (UAPI.pageSize - 1) != 0 || length & (UAPI.pageSize - 1) != 0 || length == 0 {
             throw .EINVAL
@@ -112,12 +112,17 @@ extension Kernel {
         if (0..<UInt64(range.count)).contains(where: { iommuDomains[domain]!.entries[first + $0] != nil }) { throw .EEXIST }
         let locked = !config.mutants.contains(.iommuMapDropsInvalidateLock)
         if locked { gmemInodes[ino]!.invalidateReaders += 1 }
-        return PendingIOMMUMap(domain: domain, ino: ino, range: range, firstIOVAPage: first, locked: locked)
+        // fdget(): the file (and its inode) outlives the call, even if closed meanwhile.
+        getFile(fileID)
+        return PendingIOMMUMap(domain: domain, ino: ino, file: fileID, range: range, firstIOVAPage: first, locked: locked)
     }
 
-    /// Second half: install the entries, then drop the lock.
+    /// Second half: install the entries, then drop the lock and the file.
     public mutating func commitIOMMUMap(_ p: PendingIOMMUMap) throws(Errno) {
-        defer { if p.locked { gmemInodes[p.ino]?.invalidateReaders -= 1 } }
+        defer {
+            if p.locked { gmemInodes[p.ino]!.invalidateReaders -= 1 }
+            putFile(p.file)
+        }
         for (i, pgoff) in p.range.enumerated() {
             let pfn = try gmemGetFolio(p.ino, pgoff: pgoff)
             iommuDomains[p.domain]!.entries[p.firstIOVAPage + UInt64(i)] = IOMMUEntry(pfn: pfn, gmemPage: GmemPageRef(inode: p.ino, pgoff: pgoff))
@@ -208,6 +213,8 @@ extension Kernel {
 public struct PendingIOMMUMap: Hashable, Sendable {
     let domain: UInt64
     let ino: UInt64
+    /// The file the call holds a reference on (fdget).
+    let file: UInt64
     let range: Range<UInt64>
     let firstIOVAPage: UInt64
     /// Holds filemap_invalidate_lock shared (unless a mutant dropped it).

@@ -7,6 +7,8 @@ public struct PendingConversion: Hashable, Sendable {
     let range: Range<UInt64>
     let toPrivate: Bool
     let vm: UInt64?
+    /// The file the split ioctl holds a reference on (fdget) until its flip.
+    var file: UInt64?
 }
 
 extension Kernel {
@@ -14,8 +16,13 @@ extension Kernel {
     /// mappings, check that nothing else holds the pages. Returns the pending flip, or
     /// the outcome when the conversion ends here (an error, EAGAIN, or nothing to do).
     public mutating func beginToPrivate(_ fd: Int32, offset: UInt64, size: UInt64) -> (PendingConversion?, ConversionOutcome) {
-        let (pending, outcome) = prepareConversion(fd, offset: offset, size: size, attributes: UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE, flags: 0)
-        if let pending { gmemInodes[pending.ino]!.invalidateLocked = !config.mutants.contains(.conversionDropsInvalidateLock) }
+        var (pending, outcome) = prepareConversion(fd, offset: offset, size: size, attributes: UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE, flags: 0)
+        if pending != nil, let fileID = fds[fd] {
+            gmemInodes[pending!.ino]!.invalidateLocked = !config.mutants.contains(.conversionDropsInvalidateLock)
+            // fdget(): a close meanwhile cannot release the file under the ioctl.
+            getFile(fileID)
+            pending!.file = fileID
+        }
         return (pending, outcome)
     }
 
@@ -23,6 +30,7 @@ extension Kernel {
     public mutating func commitToPrivate(_ p: PendingConversion) {
         commitConversion(p)
         gmemInodes[p.ino]!.invalidateLocked = false
+        if let file = p.file { putFile(file) }
     }
 
     /// Whether a host access at `address` would sleep on filemap_invalidate_lock:

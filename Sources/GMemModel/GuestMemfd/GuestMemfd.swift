@@ -186,21 +186,26 @@ extension Kernel {
     /// kvm_gmem_invalidate_begin()/end(): zap the SPTEs of every binding of every file
     /// of the inode over `range`. mmu_invalidate_seq moves so racing faults retry.
     mutating func gmemInvalidate(_ ino: UInt64, _ range: Range<UInt64>) {
-        // Hypervisor-managed IOMMUs mirror the guest's memory: their entries go too.
-        for id in iommuDomains.keys where iommuDomains[id]!.model == .hypervisor {
-            for (page, e) in iommuDomains[id]!.entries {
-                if let g = e.gmemPage, g.inode == ino, range.contains(g.pgoff) {
-                    iommuDomains[id]!.entries[page] = nil
-                    counters.iommuEntriesZapped += 1
-                }
-            }
-        }
+        zapHypervisorIOMMU(ino, range)
         for fileID in gmemInodes[ino]!.files {
             let g = gmemFiles[fileID]!
             guard let vm = g.vm else { continue }
             g.bindings.forEachRun(in: range) { r, slot in
                 if let slot { zapGmemBinding(vm: vm, slot: slot, pgoffs: r) }
                 return true
+            }
+        }
+    }
+
+    /// Hypervisor-managed IOMMUs mirror the guest's memory and hold no reference:
+    /// whatever invalidates or frees the file's pages takes their entries with them.
+    mutating func zapHypervisorIOMMU(_ ino: UInt64, _ range: Range<UInt64>) {
+        for id in iommuDomains.keys where iommuDomains[id]!.model == .hypervisor {
+            for (page, e) in iommuDomains[id]!.entries {
+                if let g = e.gmemPage, g.inode == ino, range.contains(g.pgoff) {
+                    iommuDomains[id]!.entries[page] = nil
+                    counters.iommuEntriesZapped += 1
+                }
             }
         }
     }
@@ -261,6 +266,8 @@ extension Kernel {
 
     /// evict_inode: the page cache goes away with the last file.
     mutating func freeGmemInode(_ ino: UInt64) {
+        // Before the pages go back to the allocator, no device may still reach them.
+        if !config.mutants.contains(.freeKeepsIOMMUEntries) { zapHypervisorIOMMU(ino, 0..<UInt64.max) }
         let inode = gmemInodes.removeValue(forKey: ino)!
         for (_, pfn) in inode.folios { phys.put(pfn) }
     }
