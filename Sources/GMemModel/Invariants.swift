@@ -23,6 +23,9 @@ public enum Mutant: String, CaseIterable, Hashable, Sendable {
     case unbindDiscards = "unbind-discards"
     /// SVA IOTLBs are not told about page-table changes (no MMU notifier).
     case svaIgnoresNotifier = "sva-ignores-notifier"
+    /// Freeing a guest_memfd's pages (its last close) leaves the hypervisor-managed
+    /// IOMMU's entries for them: a device keeps reaching freed memory.
+    case freeKeepsIOMMUEntries = "free-keeps-iommu-entries"
     /// fork shares pinned pages copy-on-write and COW decides by page_count: the
     /// pinning process's next write moves it off the page its device still sees.
     case cowIgnoresPins = "cow-ignores-pins"

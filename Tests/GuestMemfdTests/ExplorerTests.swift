@@ -374,6 +374,17 @@ struct ExploreFileTests {
         #expect(sva.replay(Schedule([1, 1, 0])).trace.last?.saw.contains("EFAULT") == true)
     }
 
+    /// A map holds its file for the length of the call (fdget): a close in the middle
+    /// is not the last reference, and the release comes when the map returns, taking
+    /// the IOMMU's entries with the pages.
+    @Test func aCallHoldsItsFile() throws {
+        let e = try Self.runner("iommu-map-vs-close").explorer
+        let r = e.replay(Schedule([0, 2, 0, 0]))
+        #expect(r.violations.isEmpty)
+        #expect(r.trace.map(\.saw)[1] == "closed", "\(r.trace)")
+        #expect(r.trace.last?.saw.contains("EFAULT") == true, "\(r.trace)")
+    }
+
     /// The conformance corpus under the explorer: a file without actors runs its
     /// steps as one actor, with the state and transition invariants checked after
     /// every step (a sequential run checks them only at check_invariants steps).
