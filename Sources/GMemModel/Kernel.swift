@@ -99,6 +99,10 @@ public struct Kernel: Hashable {
     var iommuDomains: [UInt64: IOMMUDomain] = [:]
     /// Counters for the policy comparison (pages zeroed and copied live in `phys`).
     @Bookkeeping var counters = Stats()
+    /// Set when a call reached filemap_invalidate_lock while an operation the explorer
+    /// paused holds it incompatibly: in the kernel the call would sleep there. The
+    /// explorer runs a step on a copy to learn this, and counts the step as blocked.
+    @Bookkeeping public internal(set) var sleptOnInvalidateLock = false
     public var stats: Stats {
         var s = counters
         s.pagesZeroed = phys.pagesZeroed

@@ -104,10 +104,15 @@ public final class ExploreRunner {
                 w.registers[a] = id
                 return StepResult("recheck passed: pin \(id) stands", next: .step(done))
             },
-            ExploreStep("\(what): slow path", blocked: { [runner] w in
-                Self.restore(runner, w)
-                guard let m = try? runner.mapping(map) else { return false }
-                return w.kernel.hostFaultWouldBlock(address: m.address + offset, write: true)
+            ExploreStep("\(what): slow path", blocked: { [runner] w, _ in
+                Self.wouldSleep(w) { w in
+                    Self.restore(runner, w)
+                    guard let m = try? runner.mapping(map) else { return false }
+                    var k = w.kernel
+                    k.resetLockContention()
+                    _ = try? k.pin(address: m.address + offset, length: UAPI.pageSize, longterm: false)
+                    return k.sleptOnInvalidateLock
+                }
             }) { [runner] w, a in
                 Self.restore(runner, w)
                 guard let m = try? runner.mapping(map) else { return StepResult("no mapping '\(map)'") }
@@ -125,7 +130,17 @@ public final class ExploreRunner {
     /// A scenario step run whole, reporting the no-leak and no-loss violations the
     /// backend saw across it.
     func atomic(_ s: Step) -> ExploreStep {
-        ExploreStep(s.opName, effect: nil, blocked: faultBlocks(s.op)) { [backend, runner] w, _ in
+        ExploreStep(s.opName, effect: nil, blocked: { [backend, runner] w, _ in
+            Self.wouldSleep(w) { _ in
+                Self.restore(runner, w)
+                backend.kernel = w.kernel
+                backend.kernel.resetLockContention()
+                _ = runner.run(s)
+                _ = backend.takeTransitionViolations()
+                Self.restore(runner, w)
+                return backend.kernel.sleptOnInvalidateLock
+            }
+        }) { [backend, runner] w, _ in
             Self.restore(runner, w)
             backend.kernel = w.kernel
             _ = backend.takeTransitionViolations()
@@ -136,28 +151,15 @@ public final class ExploreRunner {
         }
     }
 
-    /// A host access that must fault sleeps while a conversion holds the file's
-    /// filemap_invalidate_lock (kvm_gmem_fault_user_mapping() takes it shared); so
-    /// does an SVA device's DMA that misses its IOTLB and faults the same way.
-    func faultBlocks(_ op: Op) -> ((World) -> Bool)? {
-        switch op {
-        case .hostRead(let map, let offset, _), .hostWrite(let map, let offset, _):
-            let write = if case .hostWrite = op { true } else { false }
-            return { [runner] w in
-                Self.restore(runner, w)
-                guard let m = try? runner.mapping(map) else { return false }
-                return w.kernel.hostFaultWouldBlock(address: m.address + offset, write: write)
-            }
-        case .dmaRead(let domain, let iova, _), .dmaWrite(let domain, let iova, _):
-            let write = if case .dmaWrite = op { true } else { false }
-            return { [runner] w in
-                Self.restore(runner, w)
-                guard let d = try? runner.domain(domain), let a = try? runner.address(iova) else { return false }
-                return w.kernel.dmaWouldBlock(domain: d.id, iova: a, write: write)
-            }
-        default:
-            return nil
-        }
+    /// Whether a step would sleep on a filemap_invalidate_lock that an operation the
+    /// explorer paused holds: `trial` runs the step on a copy of the kernel and says
+    /// whether it reached such a lock (a host fault on the file, a punch, a bind, a
+    /// conversion, memory failure...). In the kernel it would wait there and run when
+    /// the holder lets go; here the step is not runnable until then. Free when no
+    /// paused operation holds a lock.
+    static func wouldSleep(_ w: World, trial: (World) -> Bool) -> Bool {
+        guard w.kernel.invalidateLockHeld else { return false }
+        return trial(w)
     }
 
     /// A hypervisor-managed IOMMU map of guest_memfd pages in the two steps a
@@ -167,7 +169,7 @@ public final class ExploreRunner {
         let done = at + 2
         let whole = atomic(s)
         return [
-            ExploreStep("iommu_map: check shared", effect: nil, blocked: { [runner] w in
+            ExploreStep("iommu_map: check shared", effect: nil, blocked: { [runner] w, _ in
                 Self.restore(runner, w)
                 guard let f = try? runner.fd(fd) else { return false }
                 return w.kernel.iommuMapWouldBlock(fd: f.raw)
@@ -202,7 +204,7 @@ public final class ExploreRunner {
     /// host faults on the file wait.
     func splitToPrivate(_ fd: Ref, offset: UInt64, size: UInt64) -> [ExploreStep] {
         [
-            ExploreStep("convert to private: unmap, refcount check", blocked: { [runner] w in
+            ExploreStep("convert to private: unmap, refcount check", blocked: { [runner] w, _ in
                 Self.restore(runner, w)
                 guard let f = try? runner.fd(fd) else { return false }
                 return w.kernel.conversionWouldBlock(fd: f.raw)
@@ -249,7 +251,15 @@ public final class ExploreRunner {
                     return StepResult("last reference dropped: the file is dying")
                 }
             },
-            ExploreStep("close: kvm_gmem_release") { w, a in
+            ExploreStep("close: kvm_gmem_release", blocked: { w, a in
+                Self.wouldSleep(w) { w in
+                    guard let p = w.releases[a] else { return false }
+                    var k = w.kernel
+                    k.resetLockContention()
+                    k.finishRelease(p)
+                    return k.sleptOnInvalidateLock
+                }
+            }) { w, a in
                 guard let p = w.releases.removeValue(forKey: a) else { return StepResult("nothing to release") }
                 w.kernel.finishRelease(p)
                 return StepResult("bindings dropped, SPTEs zapped")

@@ -49,12 +49,12 @@ public struct ExploreStep {
     public var label: String
     public var run: (inout World, _ actor: Int) -> StepResult
     /// The step would sleep now (on a lock another actor holds): not runnable.
-    public var blocked: ((World) -> Bool)?
+    public var blocked: ((World, _ actor: Int) -> Bool)?
     /// What the step may do to memory contents: the explorer checks no leak and no
     /// loss across it. nil: the step reports its own (`StepResult.violations`).
     public var effect: ContentEffect?
     public init(
-        _ label: String, effect: ContentEffect? = .preserving, blocked: ((World) -> Bool)? = nil,
+        _ label: String, effect: ContentEffect? = .preserving, blocked: ((World, _ actor: Int) -> Bool)? = nil,
         _ run: @escaping (inout World, _ actor: Int) -> StepResult
     ) {
         self.label = label
@@ -149,7 +149,7 @@ public struct Explorer {
     /// Actors whose next step can run now.
     func enabled(_ p: Position) -> [Int] {
         actors.indices.filter { a in
-            p.pcs[a] < actors[a].steps.count && !(actors[a].steps[p.pcs[a]].blocked?(p.world) ?? false)
+            p.pcs[a] < actors[a].steps.count && !(actors[a].steps[p.pcs[a]].blocked?(p.world, a) ?? false)
         }
     }
 
@@ -381,7 +381,7 @@ public struct Explorer {
                 trace.append(TraceEntry(actor: "schedule", step: "\(a)", saw: "no such actor, or it has no step left"))
                 return (trace, [], p.world)
             }
-            if actors[a].steps[p.pcs[a]].blocked?(p.world) == true {
+            if actors[a].steps[p.pcs[a]].blocked?(p.world, a) == true {
                 trace.append(TraceEntry(actor: actors[a].name, step: actors[a].steps[p.pcs[a]].label, saw: "blocked: cannot run here"))
                 return (trace, [], p.world)
             }

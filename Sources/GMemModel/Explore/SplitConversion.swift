@@ -32,18 +32,25 @@ extension Kernel {
         gmemInodes[p.ino]!.invalidateLocked = false
         if let file = p.file { putFile(file) }
     }
-
-    /// Whether a host access at `address` would sleep on filemap_invalidate_lock:
-    /// it must fault (no usable PTE) on a guest_memfd whose lock a conversion holds.
-    public func hostFaultWouldBlock(address: UInt64, write: Bool) -> Bool {
-        let vpn = address >> UAPI.pageShift
-        if let pte = mm.ptes[vpn], pte.writable || !write { return false }
-        guard let vma = mm.vmas.value(at: vpn), case .file(_, .guestMemfd(let ino)) = vma.backing else { return false }
-        return gmemInodes[ino]?.invalidateLocked == true
-    }
 }
 
 extension Kernel {
+    /// filemap_invalidate_lock() (`exclusive`) or its shared form on inode `ino`, as
+    /// far as the model needs it: no operation holds it across calls except those the
+    /// explorer paused (a conversion, exclusively; an IOMMU map, shared), so taking it
+    /// only notes when the caller would sleep on one of them.
+    mutating func invalidateLock(_ ino: UInt64, exclusive: Bool) {
+        guard let inode = gmemInodes[ino] else { return }
+        if inode.invalidateLocked || (exclusive && inode.invalidateReaders > 0) { sleptOnInvalidateLock = true }
+    }
+
+    /// Whether some paused operation holds a filemap_invalidate_lock: only then can
+    /// a step sleep on one.
+    public var invalidateLockHeld: Bool { gmemInodes.values.contains { $0.invalidateLocked || $0.invalidateReaders > 0 } }
+
+    /// Starts a trial run: forget any earlier contention.
+    public mutating func resetLockContention() { sleptOnInvalidateLock = false }
+
     /// The guest_memfd inode behind `fd` in the current process, if it is one.
     func gmemInode(ofFD fd: Int32) -> UInt64? {
         guard let id = fds[fd], case .guestMemfd(let ino)? = files[id]?.kind else { return nil }
@@ -62,16 +69,5 @@ extension Kernel {
     public func iommuMapWouldBlock(fd: Int32) -> Bool {
         guard let ino = gmemInode(ofFD: fd) else { return false }
         return gmemInodes[ino]?.invalidateLocked == true
-    }
-
-    /// Whether a device's DMA at `iova` would wait: an SVA IOTLB miss walks the
-    /// process's page tables and faults like the CPU (PRI), so it sleeps where a host
-    /// fault would.
-    public func dmaWouldBlock(domain: UInt64, iova: UInt64, write: Bool) -> Bool {
-        guard let d = iommuDomains[domain], d.model == .sva, let pid = d.pid, processes[pid] != nil else { return false }
-        if d.entries[iova >> UAPI.pageShift] != nil { return false }
-        var k = self
-        k.currentPID = pid
-        return k.hostFaultWouldBlock(address: iova, write: write)
     }
 }

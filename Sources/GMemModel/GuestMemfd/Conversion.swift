@@ -50,6 +50,7 @@ extension Kernel {
             return (nil, ConversionOutcome(errno: .EBADF, errorOffset: 0))
         }
         let range = (offset >> UAPI.pageShift)..<((offset + size) >> UAPI.pageShift)
+        invalidateLock(ino, exclusive: true)
         let toPrivate = attributes & UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE != 0
         // Nothing to do when the whole range already has the value.
         if gmemInodes[ino]!.privatePages.allEqual(in: range, to: toPrivate) { return (nil, done) }

@@ -155,6 +155,7 @@ extension Kernel {
         if mode & ~(UAPI.FALLOC_FL_KEEP_SIZE | UAPI.FALLOC_FL_PUNCH_HOLE) != 0 { throw .EOPNOTSUPP }
         if offset & (UAPI.pageSize - 1) != 0 || length & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
         let range = (offset >> UAPI.pageShift)..<((offset + length) >> UAPI.pageShift)
+        invalidateLock(ino, exclusive: true)
         if mode & UAPI.FALLOC_FL_PUNCH_HOLE != 0 {
             gmemPunchHole(ino, range)
         } else {
@@ -243,6 +244,7 @@ extension Kernel {
     /// the VM reference is dropped. The memory belongs to the inode and lives on while
     /// another file refers to it.
     mutating func gmemRelease(file fileID: UInt64) {
+        invalidateLock(gmemFiles[fileID]!.inode, exclusive: true)
         let g = gmemFiles.removeValue(forKey: fileID)!
         if let vm = g.vm, vms[vm] != nil {
             // (With memslots holding the file, no binding is left by now.)
@@ -283,6 +285,7 @@ extension Kernel {
         guard case .guestMemfd(let ino) = f.kind else { throw .EINVAL }
         if offset & (UAPI.pageSize - 1) != 0 || offset >= gmemInodes[ino]!.size { throw .EINVAL }
         let pgoff = offset >> UAPI.pageShift
+        invalidateLock(ino, exclusive: false)  // kvm_gmem_error_folio()
         let pfn: UInt64
         if let existing = gmemInodes[ino]!.folios[pgoff] {
             pfn = existing

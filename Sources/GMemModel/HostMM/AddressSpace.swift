@@ -223,6 +223,7 @@ extension Kernel {
     /// whole file unless INIT_SHARED; in-place: per page) and on poisoned pages; otherwise the folio,
     /// zeroed on first use.
     mutating func gmemFaultUserMapping(_ ino: UInt64, pgoff: UInt64, vpn: UInt64) throws(HostFault) -> UInt64 {
+        invalidateLock(ino, exclusive: false)
         // Read what is needed and let go of the inode before gmemGetFolio mutates it:
         // a live copy would make the page-cache dictionary copy on write.
         let (pages, shared) = (gmemInodes[ino]!.pages, gmemInodes[ino]!.isShared(pgoff))

@@ -98,6 +98,7 @@ extension Kernel {
             slot: mem.slot, baseGfn: baseGfn, npages: npages, flags: mem.flags,
             userspaceAddr: mem.userspaceAddr, gmem: binding, gmemOnly: gmemOnly)
         if let binding {
+            invalidateLock(gmemFiles[binding.file]!.inode, exclusive: true)  // kvm_gmem_bind()
             gmemFiles[binding.file]!.bindings.set(binding.pgoff..<binding.pgoff + npages, to: mem.slot)
             if config.bindingOwnership == .memslotHoldsFile {
                 // The memslot holds the file; the file is this VM's from now on.
@@ -161,6 +162,8 @@ extension Kernel {
         if let g = slot.gmem, g.fileAlive {
             // Before the fix (6.18-rc), unbind returned when kvm_gmem_get_file() failed.
             if config.mutants.contains(.unbindSkipsDyingFile) && gmemFiles[g.file]!.dying { return }
+            // A dying file's bindings are removed without its lock (release waits on slots_lock).
+            if !gmemFiles[g.file]!.dying { invalidateLock(gmemFiles[g.file]!.inode, exclusive: true) }
             gmemFiles[g.file]!.bindings.set(g.pgoff..<g.pgoff + slot.npages, to: nil)
             if config.mutants.contains(.unbindDiscards) { truncateGmemPages(gmemFiles[g.file]!.inode, g.pgoff..<g.pgoff + slot.npages) }
             if config.bindingOwnership == .memslotHoldsFile { putFile(g.file) }
