@@ -43,6 +43,10 @@ public enum Mutant: String, CaseIterable, Hashable, Sendable {
     /// being released (the code before "KVM: guest_memfd: Remove bindings on memslot
     /// deletion when gmem is dying"): release then writes to the freed memslot.
     case unbindSkipsDyingFile = "unbind-skips-dying-file"
+    /// A memslot deletion frees the slot without waiting (synchronize_srcu) for
+    /// vCPUs still inside a fault that looked it up: the fault installs an SPTE for
+    /// a memslot that is gone, and the flush that should have removed it is over.
+    case memslotDeleteSkipsSRCUWait = "memslot-delete-skips-srcu-wait"
     /// A hypervisor-managed IOMMU map checks that the pages are shared without
     /// holding filemap_invalidate_lock to its install, so a to-private conversion
     /// passes in between and the device maps a private page.
@@ -51,8 +55,8 @@ public enum Mutant: String, CaseIterable, Hashable, Sendable {
     /// Mutants that only a race shows: no sequential scenario can catch them, the
     /// explorer does (an operation must run between two steps of another).
     public var needsInterleaving: Bool {
-        [.skipFaultRetry, .gupFastSkipRecheck, .conversionDropsInvalidateLock, .unbindSkipsDyingFile, .iommuMapDropsInvalidateLock]
-            .contains(self)
+        [.skipFaultRetry, .gupFastSkipRecheck, .conversionDropsInvalidateLock, .unbindSkipsDyingFile, .iommuMapDropsInvalidateLock,
+         .memslotDeleteSkipsSRCUWait].contains(self)
     }
 }
 

@@ -99,10 +99,11 @@ public struct Kernel: Hashable {
     var iommuDomains: [UInt64: IOMMUDomain] = [:]
     /// Counters for the policy comparison (pages zeroed and copied live in `phys`).
     @Bookkeeping var counters = Stats()
-    /// Set when a call reached filemap_invalidate_lock while an operation the explorer
-    /// paused holds it incompatibly: in the kernel the call would sleep there. The
-    /// explorer runs a step on a copy to learn this, and counts the step as blocked.
-    @Bookkeeping public internal(set) var sleptOnInvalidateLock = false
+    /// Set when a call reached a point where the kernel would wait for an operation
+    /// the explorer paused: a filemap_invalidate_lock it holds, or a memslot it is
+    /// deleting (a vCPU's fault retries until the deletion is done). The explorer
+    /// runs a step on a copy to learn this, and counts the step as blocked.
+    @Bookkeeping public internal(set) var wouldWait = false
     public var stats: Stats {
         var s = counters
         s.pagesZeroed = phys.pagesZeroed

@@ -54,6 +54,10 @@ public final class ExploreRunner {
                     steps += splitClose(ref, at: steps.count)
                     continue
                 }
+                if case .setUserMemoryRegion(let vm, let spec, true) = s.op, spec.size == 0 {
+                    steps += splitMemslotDelete(s, vm: vm, spec: spec, at: steps.count)
+                    continue
+                }
                 if case .iommuMap(let domain, let iova, nil, let fd?, let offset, let length) = s.op {
                     steps += splitIOMMUMap(s, domain: domain, iova: iova, fd: fd, offset: offset, length: length, at: steps.count)
                     continue
@@ -109,9 +113,9 @@ public final class ExploreRunner {
                     Self.restore(runner, w)
                     guard let m = try? runner.mapping(map) else { return false }
                     var k = w.kernel
-                    k.resetLockContention()
+                    k.resetWait()
                     _ = try? k.pin(address: m.address + offset, length: UAPI.pageSize, longterm: false)
-                    return k.sleptOnInvalidateLock
+                    return k.wouldWait
                 }
             }) { [runner] w, a in
                 Self.restore(runner, w)
@@ -134,11 +138,11 @@ public final class ExploreRunner {
             Self.wouldSleep(w) { _ in
                 Self.restore(runner, w)
                 backend.kernel = w.kernel
-                backend.kernel.resetLockContention()
+                backend.kernel.resetWait()
                 _ = runner.run(s)
                 _ = backend.takeTransitionViolations()
                 Self.restore(runner, w)
-                return backend.kernel.sleptOnInvalidateLock
+                return backend.kernel.wouldWait
             }
         }) { [backend, runner] w, _ in
             Self.restore(runner, w)
@@ -158,7 +162,7 @@ public final class ExploreRunner {
     /// the holder lets go; here the step is not runnable until then. Free when no
     /// paused operation holds a lock.
     static func wouldSleep(_ w: World, trial: (World) -> Bool) -> Bool {
-        guard w.kernel.invalidateLockHeld else { return false }
+        guard w.kernel.somethingPaused else { return false }
         return trial(w)
     }
 
@@ -255,14 +259,58 @@ public final class ExploreRunner {
                 Self.wouldSleep(w) { w in
                     guard let p = w.releases[a] else { return false }
                     var k = w.kernel
-                    k.resetLockContention()
+                    k.resetWait()
                     k.finishRelease(p)
-                    return k.sleptOnInvalidateLock
+                    return k.wouldWait
                 }
             }) { w, a in
                 guard let p = w.releases.removeValue(forKey: a) else { return StepResult("nothing to release") }
                 w.kernel.finishRelease(p)
                 return StepResult("bindings dropped, SPTEs zapped")
+            },
+        ]
+    }
+
+    /// Deleting a memslot in the two steps vCPUs can run between: mark it invalid
+    /// (faults on it retry), then, once no fault that looked it up is in flight
+    /// (synchronize_srcu), flush, free and unbind it. slots_lock is held across.
+    func splitMemslotDelete(_ s: Step, vm: Ref, spec: RegionSpec, at: Int) -> [ExploreStep] {
+        let done = at + 2
+        let region: (ScenarioRunner) throws(ScenarioRunner.Skip) -> UserMemoryRegion2 = { r throws(ScenarioRunner.Skip) in
+            var m = UserMemoryRegion2(slot: spec.slot, flags: spec.flags, guestPhysAddr: spec.gpa, memorySize: 0,
+                                      userspaceAddr: try r.address(spec.userspaceAddr), guestMemfdOffset: spec.guestMemfdOffset)
+            if let g = spec.guestMemfd { m.guestMemfd = UInt32(bitPattern: try r.fd(g).raw) }
+            return m
+        }
+        return [
+            ExploreStep("KVM_MR_DELETE: mark the memslot invalid", blocked: { [runner] w, _ in
+                Self.wouldSleep(w) { w in
+                    Self.restore(runner, w)
+                    guard let f = try? runner.fd(vm), let m = try? region(runner) else { return false }
+                    var k = w.kernel
+                    k.resetWait()
+                    _ = try? k.beginSetUserMemoryRegion2(vm: f.raw, m)
+                    return k.wouldWait
+                }
+            }) { [runner] w, a in
+                Self.restore(runner, w)
+                guard let f = try? runner.fd(vm), let m = try? region(runner) else { return StepResult("no VM '\(vm)'", next: .step(done)) }
+                do throws(Errno) {
+                    guard let p = try w.kernel.beginSetUserMemoryRegion2(vm: f.raw, m) else { return StepResult("ok", next: .step(done)) }
+                    w.memslotDeletes[a] = p
+                    return StepResult("KVM_MEMSLOT_INVALID; slots_lock held")
+                } catch {
+                    return StepResult(error.name, next: .step(done))
+                }
+            },
+            ExploreStep("KVM_MR_DELETE: synchronize_srcu, flush, free, unbind", blocked: { w, a in
+                // kvm_swap_active_memslots() waits for every vCPU inside a fault.
+                guard let p = w.memslotDeletes[a], !w.kernel.config.mutants.contains(.memslotDeleteSkipsSRCUWait) else { return false }
+                return w.pending.values.contains { $0.vm == p.vm }
+            }) { w, a in
+                guard let p = w.memslotDeletes.removeValue(forKey: a) else { return StepResult("nothing to delete") }
+                w.kernel.finishMemslotDelete(p)
+                return StepResult("deleted; slots_lock released")
             },
         ]
     }

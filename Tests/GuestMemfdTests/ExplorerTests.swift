@@ -122,9 +122,9 @@ struct ExplorerTests {
         let p = try #require(pending)
         func sleeps(_ k: Kernel, _ body: (inout Kernel) -> Void) -> Bool {
             var trial = k
-            trial.resetLockContention()
+            trial.resetWait()
             body(&trial)
-            return trial.sleptOnInvalidateLock
+            return trial.wouldWait
         }
         #expect(sleeps(k) { _ = $0.hostAccess(address: map.address, count: 1, write: nil) }, "page 0 was unmapped: its fault waits")
         #expect(!sleeps(k) { _ = $0.hostAccess(address: map.address + 4096, count: 1, write: [2]) }, "page 1 is mapped writable: no fault")
@@ -166,6 +166,18 @@ struct ExplorerTests {
         _ = k.fork()
         #expect(k.gupFastWalk(address: map.address, write: false) != nil)
         #expect(k.gupFastWalk(address: map.address, write: true) == nil)
+    }
+
+    /// KVM_PRE_FAULT_MEMORY does not wait for a memslot being deleted: EAGAIN
+    /// (kvm_mmu_faultin_pfn() with fault->prefetch); once it is gone, the private gfn
+    /// has no memslot, which is a memory fault: EFAULT.
+    @Test func preFaultDuringADeletionIsEAGAIN() throws {
+        var (w, vcpu, _, vm) = try Self.world(.mainline)
+        let delete = UserMemoryRegion2(slot: 0, flags: UAPI.KVM_MEM_GUEST_MEMFD, guestPhysAddr: Self.gpa, memorySize: 0, userspaceAddr: 0)
+        let p = try #require(try w.kernel.beginSetUserMemoryRegion2(vm: vm, delete))
+        #expect(throws: Errno.EAGAIN) { _ = try w.kernel.preFaultMemory(vcpu: vcpu, gpa: Self.gpa, size: 4096, flags: 0) }
+        w.kernel.finishMemslotDelete(p)
+        #expect(throws: Errno.EFAULT) { _ = try w.kernel.preFaultMemory(vcpu: vcpu, gpa: Self.gpa, size: 4096, flags: 0) }
     }
 
     @Test func actorsThatAllWaitAreADeadlock() throws {
@@ -249,11 +261,14 @@ struct ExploreFileTests {
         // Needs each path to keep its own handle names: a close on one path must not
         // make the name unknown on the next. The close is fput then release.
         "fault-vs-release": (.skipFaultRetry, Schedule([0, 1, 1, 0])),
-        "fault-vs-memslot-delete": (.skipFaultRetry, Schedule([0, 1, 0])),
+        // The deletion is two steps (mark invalid; wait for SRCU, flush, free): the
+        // mutant frees the slot while the fault is in flight.
+        "fault-vs-memslot-delete": (.memslotDeleteSkipsSRCUWait, Schedule([0, 1, 1, 0])),
         "gup-fast-vs-to-private": (.gupFastSkipRecheck, Schedule([0, 1, 1, 0, 0])),
         "host-fault-vs-to-private": (.conversionDropsInvalidateLock, Schedule([1, 0, 1])),
-        // The memslot goes between the last fput and kvm_gmem_release().
-        "release-vs-unbind": (.unbindSkipsDyingFile, Schedule([0, 1])),
+        // The memslot goes (both steps of its deletion) between the last fput and
+        // kvm_gmem_release().
+        "release-vs-unbind": (.unbindSkipsDyingFile, Schedule([0, 1, 1])),
         // The conversion runs whole between the map's check and its install.
         "iommu-map-vs-to-private": (.iommuMapDropsInvalidateLock, Schedule([0, 1, 1, 0])),
     ]
@@ -367,6 +382,18 @@ struct ExploreFileTests {
         #expect(fault.trace.last?.saw.contains("EFAULT") == true, "\(fault.trace)")
         let r = e.replay(Schedule([0, 1, 0]))
         #expect(r.violations.isEmpty && r.trace.count == 3)
+    }
+
+    /// A memslot deletion waits (synchronize_srcu) for a fault in flight that looked
+    /// its slot up, and a fault that finds the slot invalid retries until it is gone.
+    @Test func memslotDeletionAndFaultsWaitForEachOther() throws {
+        let e = try Self.runner("fault-vs-memslot-delete").explorer
+        #expect(e.replay(Schedule([0, 1, 1])).trace.last?.saw == "blocked: cannot run here", "SRCU: the fault is in flight")
+        #expect(e.replay(Schedule([1, 0])).trace.last?.saw == "blocked: cannot run here", "the slot is invalid: the fault retries")
+        let r = e.replay(Schedule([0, 1, 0, 1]))
+        #expect(r.violations.isEmpty && r.trace.last?.saw == "deleted; slots_lock released", "\(r.trace)")
+        let after = e.replay(Schedule([1, 1, 0]))
+        #expect(after.trace.last?.saw.contains("KVM_EXIT_MEMORY_FAULT") == true, "no memslot: a private access exits, \(after.trace)")
     }
 
     /// A hypervisor IOMMU map holds filemap_invalidate_lock shared from its check to

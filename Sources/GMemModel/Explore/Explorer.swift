@@ -10,6 +10,8 @@ public struct World: Hashable {
     public var gupFast: [Int: PendingGUPFast] = [:]
     /// A conversion between its check and its flip, per actor index.
     public var conversions: [Int: PendingConversion] = [:]
+    /// A memslot deletion between marking the slot invalid and freeing it, per actor.
+    public var memslotDeletes: [Int: PendingMemslotDelete] = [:]
     /// An IOMMU map between its ownership check and its install, per actor index.
     public var iommuMaps: [Int: PendingIOMMUMap] = [:]
     /// A close between its last fput and kvm_gmem_release(), per actor index.

@@ -41,15 +41,18 @@ extension Kernel {
     /// only notes when the caller would sleep on one of them.
     mutating func invalidateLock(_ ino: UInt64, exclusive: Bool) {
         guard let inode = gmemInodes[ino] else { return }
-        if inode.invalidateLocked || (exclusive && inode.invalidateReaders > 0) { sleptOnInvalidateLock = true }
+        if inode.invalidateLocked || (exclusive && inode.invalidateReaders > 0) { wouldWait = true }
     }
 
-    /// Whether some paused operation holds a filemap_invalidate_lock: only then can
-    /// a step sleep on one.
-    public var invalidateLockHeld: Bool { gmemInodes.values.contains { $0.invalidateLocked || $0.invalidateReaders > 0 } }
+    /// Whether some paused operation holds a filemap_invalidate_lock or is deleting a
+    /// memslot: only then can a step have to wait.
+    public var somethingPaused: Bool {
+        gmemInodes.values.contains { $0.invalidateLocked || $0.invalidateReaders > 0 }
+            || vms.values.contains { $0.memslots.values.contains(where: \.invalid) }
+    }
 
-    /// Starts a trial run: forget any earlier contention.
-    public mutating func resetLockContention() { sleptOnInvalidateLock = false }
+    /// Starts a trial run: forget any earlier wait.
+    public mutating func resetWait() { wouldWait = false }
 
     /// The guest_memfd inode behind `fd` in the current process, if it is one.
     func gmemInode(ofFD fd: Int32) -> UInt64? {

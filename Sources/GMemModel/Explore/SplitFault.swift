@@ -3,7 +3,8 @@ import GMemBackend
 /// A guest fault paused between kvm_mmu_faultin_pfn(), which runs without mmu_lock,
 /// and the SPTE install under it: the window the explorer interleaves other actors in.
 public struct PendingFault: Hashable, Sendable {
-    let vm: UInt64
+    /// The VM: the fault is an SRCU reader of its memslots until it installs.
+    public let vm: UInt64
     let gfn: UInt64
     let spte: SPTE
     /// mmu_invalidate_seq as the fault read it before resolving (fault->mmu_seq).
@@ -59,7 +60,15 @@ extension ExploreStep {
         let after = at + 2
         let where_ = "fault 0x\(String(gpa, radix: 16))"
         return [
-            ExploreStep("\(where_): resolve") { w, a in
+            ExploreStep("\(where_): resolve", blocked: { w, _ in
+                // A fault on a memslot being deleted retries until the deletion is
+                // done; one through a guest_memfd mapping a conversion locked waits.
+                guard w.kernel.somethingPaused, let fd = vcpu(w) else { return false }
+                var k = w.kernel
+                k.resetWait()
+                _ = try? k.startFault(vcpu: fd, gpa: gpa, write: write)
+                return k.wouldWait
+            }) { w, a in
                 guard let fd = vcpu(w) else { return StepResult("no such vCPU", next: .step(after)) }
                 switch Result(catching: { () throws(Errno) in try w.kernel.startFault(vcpu: fd, gpa: gpa, write: write) }) {
                 case .success(.pending(let f)):

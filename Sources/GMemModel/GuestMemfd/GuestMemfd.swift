@@ -244,6 +244,7 @@ extension Kernel {
     /// the VM reference is dropped. The memory belongs to the inode and lives on while
     /// another file refers to it.
     mutating func gmemRelease(file fileID: UInt64) {
+        if let vm = gmemFiles[fileID]!.vm { slotsLock(vm) }
         invalidateLock(gmemFiles[fileID]!.inode, exclusive: true)
         let g = gmemFiles.removeValue(forKey: fileID)!
         if let vm = g.vm, vms[vm] != nil {

@@ -8,6 +8,9 @@ enum FaultExit: Error, Hashable {
     case emulate(gfn: UInt64)
     /// A pre-fault found no memslot (RET_PF_EMULATE maps to ENOENT there).
     case failed(Errno)
+    /// RET_PF_RETRY on a memslot being deleted: KVM_RUN re-enters the guest and
+    /// faults again until the deletion is done (`Kernel.wouldWait`).
+    case retry
 }
 
 extension Kernel {
@@ -47,6 +50,11 @@ extension Kernel {
             if isPrivate { throw .memoryFault(.EFAULT, flags: flags, gfn: gfn) }
             throw .emulate(gfn: gfn)
         }
+        // The memslot is being deleted: retry until it is gone.
+        if slot.invalid {
+            wouldWait = true
+            throw .retry
+        }
         let pfn: UInt64
         var writable = true
         if isPrivate || slot.gmemOnly {
@@ -79,6 +87,9 @@ extension Kernel {
             .exit(.mmio(gpa: address, length: 1, isWrite: isWrite))
         case .failed(let errno):
             .failed(errno, nil)
+        case .retry:
+            // Only a trial run sees this (the step waits instead).
+            .failed(.EAGAIN, nil)
         }
     }
 
@@ -160,7 +171,10 @@ extension Kernel {
         var cursor = gpa
         while cursor < end {
             let gfn = cursor >> UAPI.pageShift
-            do {
+            do throws(FaultExit) {
+                // A memslot being deleted or moved: EAGAIN, as pre-faulting does not
+                // promise KVM_RUN's forward progress.
+                if let id = vms[vm]!.slotByGfn.value(at: gfn), vms[vm]!.memslots[id]?.invalid == true { throw .failed(.EAGAIN) }
                 if vms[vm]!.spte[gfn] == nil {
                     _ = try stage2Page(vm: vm, gfn: gfn, write: false, isPrivate: nil)
                 }
@@ -170,6 +184,7 @@ extension Kernel {
                 case .memoryFault(let e, _, _): errno = e
                 case .emulate: errno = .ENOENT
                 case .failed(let e): errno = e
+                case .retry: errno = .EAGAIN
                 }
                 if cursor == gpa { throw errno }
                 break

@@ -34,23 +34,9 @@ extension Kernel {
     }
 
     mutating func setMemoryRegion(vm: UInt64, _ mem: UserMemoryRegion2) throws(Errno) {
-        let page = UAPI.pageSize - 1
         let isGmem = mem.flags & UAPI.KVM_MEM_GUEST_MEMFD != 0
-        // General sanity checks.
-        if mem.memorySize & page != 0 { throw .EINVAL }
-        if mem.guestPhysAddr & page != 0 { throw .EINVAL }
-        if mem.userspaceAddr & page != 0 || !accessOK(mem.userspaceAddr, mem.memorySize) { throw .EINVAL }
-        if isGmem
-            && (mem.guestMemfdOffset & page != 0
-                || mem.guestMemfdOffset.addingReportingOverflow(mem.memorySize).overflow)
-        {
-            throw .EINVAL
-        }
-        let asID = mem.slot >> 16
-        let id = mem.slot & 0xffff
-        if asID >= config.addressSpaces || id >= UAPI.KVM_USER_MEM_SLOTS { throw .EINVAL }
-        if mem.guestPhysAddr.addingReportingOverflow(mem.memorySize).overflow { throw .EINVAL }
-        if mem.memorySize >> UAPI.pageShift > UAPI.KVM_MEM_MAX_NR_PAGES { throw .EINVAL }
+        slotsLock(vm)
+        try checkMemoryRegion(mem)
 
         let old = vms[vm]!.memslots[mem.slot]
         if mem.memorySize == 0 {
@@ -58,6 +44,7 @@ extension Kernel {
             deleteMemslot(vm: vm, old)
             return
         }
+
         let baseGfn = mem.guestPhysAddr >> UAPI.pageShift
         let npages = mem.memorySize >> UAPI.pageShift
         var isMove = true
@@ -109,6 +96,32 @@ extension Kernel {
         insertMemslot(vm: vm, slot)
     }
 
+    /// kvm_set_memory_region()'s general sanity checks, in its order.
+    func checkMemoryRegion(_ mem: UserMemoryRegion2) throws(Errno) {
+        let page = UAPI.pageSize - 1
+        let isGmem = mem.flags & UAPI.KVM_MEM_GUEST_MEMFD != 0
+        if mem.memorySize & page != 0 { throw .EINVAL }
+        if mem.guestPhysAddr & page != 0 { throw .EINVAL }
+        if mem.userspaceAddr & page != 0 || !accessOK(mem.userspaceAddr, mem.memorySize) { throw .EINVAL }
+        if isGmem
+            && (mem.guestMemfdOffset & page != 0
+                || mem.guestMemfdOffset.addingReportingOverflow(mem.memorySize).overflow)
+        {
+            throw .EINVAL
+        }
+        let asID = mem.slot >> 16
+        let id = mem.slot & 0xffff
+        if asID >= config.addressSpaces || id >= UAPI.KVM_USER_MEM_SLOTS { throw .EINVAL }
+        if mem.guestPhysAddr.addingReportingOverflow(mem.memorySize).overflow { throw .EINVAL }
+        if mem.memorySize >> UAPI.pageShift > UAPI.KVM_MEM_MAX_NR_PAGES { throw .EINVAL }
+    }
+
+    /// mutex_lock(&kvm->slots_lock): only a memslot deletion the explorer paused holds
+    /// it across calls, so taking it only notes when the caller would wait.
+    mutating func slotsLock(_ vm: UInt64) {
+        if vms[vm]?.memslots.values.contains(where: \.invalid) == true { wouldWait = true }
+    }
+
     /// access_ok() on x86-64: the range lies below the user address limit.
     func accessOK(_ address: UInt64, _ size: UInt64) -> Bool {
         let (end, overflow) = address.addingReportingOverflow(size)
@@ -149,7 +162,7 @@ extension Kernel {
     /// Removes a slot's gfns and flushes its stage-2 mappings
     /// (kvm_arch_flush_shadow_memslot).
     mutating func unmapMemslot(vm: UInt64, _ slot: Memslot) {
-        zapGfns(vm: vm, slot.gfns)
+        zapGfns(vm: vm, slot.gfns, invalidation: false)
         vms[vm]!.slotByGfn.set(slot.gfns, to: nil)
         vms[vm]!.memslots[slot.slot] = nil
     }

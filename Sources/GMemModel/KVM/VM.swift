@@ -32,6 +32,9 @@ struct Memslot: Hashable {
     var gmem: GmemBinding?
     /// KVM_MEMSLOT_GMEM_ONLY: every fault, shared or private, is served by guest_memfd.
     let gmemOnly: Bool
+    /// KVM_MEMSLOT_INVALID: being deleted (only between the explorer's two steps of a
+    /// deletion); faults on it retry.
+    var invalid = false
 
     var gfns: Range<UInt64> { baseGfn..<baseGfn + npages }
     var isReadonly: Bool { flags & UAPI.KVM_MEM_READONLY != 0 }
@@ -156,9 +159,12 @@ extension Kernel {
 
     /// Zaps the SPTEs of `gfns` (kvm_unmap_gfn_range): both shared and private, since
     /// only VMs with mirrored page tables (TDX) zap one side at a time.
-    mutating func zapGfns(vm: UInt64, _ gfns: Range<UInt64>) {
+    /// `invalidation`: inside an mmu_invalidate range (punch, conversion, attributes,
+    /// release), which moves mmu_invalidate_seq so racing faults retry; a memslot
+    /// flush (kvm_mmu_zap_memslot()) is not one: SRCU keeps faults out of it instead.
+    mutating func zapGfns(vm: UInt64, _ gfns: Range<UInt64>, invalidation: Bool = true) {
         guard !gfns.isEmpty else { return }
-        vms[vm]!.mmuInvalidateSeq += 1
+        if invalidation { vms[vm]!.mmuInvalidateSeq += 1 }
         for gfn in presentKeys(of: vms[vm]!.spte, in: gfns) {
             vms[vm]!.spte[gfn] = nil
             counters.spteZapped += 1
@@ -205,6 +211,7 @@ extension Kernel {
     {
         let vm = try vmFD(fd)
         guard config.memoryAttributesIoctl else { throw .ENOTTY }
+        slotsLock(vm)  // kvm_vm_set_mem_attributes()
         // With in-place conversion PRIVATE lives in the guest_memfd, not in the VM.
         let supported = vms[vm]!.type.hasPrivateMemory && vms[vm]!.conversion == .attributes
             ? UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE : 0
