@@ -51,3 +51,40 @@ public enum MutantSweep {
         return Mutant.allCases.filter { !covered.contains($0) }
     }
 }
+
+extension Violation {
+    /// `{"invariant", "page", "parties", "detail"}`, as check_invariants reports it.
+    public var json: JSON {
+        .object(JSONObject([
+            "invariant": .string(invariant.rawValue), "page": .string(page),
+            "parties": .array(parties.map { .string($0) }), "detail": .string(detail),
+        ]))
+    }
+}
+
+extension TraceEntry {
+    public var json: JSON { .object(JSONObject(["actor": .string(actor), "step": .string(step), "saw": .string(saw)])) }
+}
+
+extension MutantCatch {
+    /// One line of `gmem explore --mutants --json`.
+    public var json: JSON {
+        var o = JSONObject([
+            "mutant": .string(mutant.rawValue), "file": .string(file), "caught": .bool(caught),
+            "schedules": .int(schedules), "states": .int(states), "steps": .int(steps),
+            "seconds": .number(String(format6(seconds))),
+        ])
+        if let schedule { o["schedule"] = .string(schedule.description) }
+        if let violation { o["violation"] = violation.json }
+        return .object(o)
+    }
+}
+
+/// Seconds with microsecond resolution, as JSON number text.
+public func format6(_ seconds: Double) -> String {
+    let micros = (seconds * 1e6).rounded()
+    let whole = Int(micros / 1e6)
+    let frac = Int(micros) - whole * 1_000_000
+    let digits = String(frac)
+    return "\(whole)." + String(repeating: "0", count: 6 - digits.count) + digits
+}

@@ -565,12 +565,7 @@ public final class ScenarioRunner {
             }
         case .checkInvariants:
             return try call { () throws(BackendError) in
-                let violations = try b.checkInvariants().map { v in
-                    JSON.object(JSONObject([
-                        "invariant": .string(v.invariant.rawValue), "page": .string(v.page),
-                        "parties": .array(v.parties.map { .string($0) }), "detail": .string(v.detail),
-                    ]))
-                }
+                let violations = try b.checkInvariants().map(\.json)
                 return Observation(result: .ok, value: .object(JSONObject(["violations": .array(violations)])))
             }
         case .convert(let ref, let offset, let size, let toPrivate):

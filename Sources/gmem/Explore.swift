@@ -52,6 +52,9 @@ struct Explore: ParsableCommand {
         """)
     var sweep = false
 
+    @Flag(help: "Print JSON lines instead: one object per file (or per mutant), then a summary.")
+    var json = false
+
     @Argument(help: "Scenario files, or directories of them. A file's actors are interleaved; a file without actors runs its steps as one actor.")
     var files: [String]
 
@@ -119,7 +122,8 @@ struct Explore: ParsableCommand {
     func explore(_ scenario: Scenario) throws {
         let r = try runner(scenario)
         if let why = r.skipReason {
-            print("\(scenario.name): skipped: \(why)")
+            if json { emit(JSON.object(JSONObject(["file": .string(scenario.file), "result": .string("skipped"), "reason": .string(why)])).rendered) }
+            else { print("\(scenario.name): skipped: \(why)") }
             return
         }
         var e = r.explorer
@@ -127,7 +131,9 @@ struct Explore: ParsableCommand {
             e.progressEvery = progress
             e.onProgress = { s in emitError("  ... \(s.steps) steps, \(s.schedules) schedules, \(s.states) distinct states") }
         }
-        print("\(scenario.name): \(e.actors.count) actors (\(e.actors.map { "\($0.name): \($0.steps.count) steps" }.joined(separator: ", ")))")
+        if !json {
+            print("\(scenario.name): \(e.actors.count) actors (\(e.actors.map { "\($0.name): \($0.steps.count) steps" }.joined(separator: ", ")))")
+        }
 
         if let text = replay {
             guard let schedule = Schedule(parsing: text) else {
@@ -135,17 +141,30 @@ struct Explore: ParsableCommand {
                 throw ExitCode(2)
             }
             let result = e.replay(schedule)
-            print("replay \(schedule):")
-            for t in result.trace { print("  \(t)") }
-            for v in result.violations { print("  VIOLATION \(v)") }
+            if json {
+                emit(JSON.object(JSONObject([
+                    "file": .string(scenario.file), "replay": .string(schedule.description),
+                    "result": .string(result.violations.isEmpty ? "no_violation" : "violation"),
+                    "trace": .array(result.trace.map(\.json)), "violations": .array(result.violations.map(\.json)),
+                ])).rendered)
+            } else {
+                print("replay \(schedule):")
+                for t in result.trace { print("  \(t)") }
+                for v in result.violations { print("  VIOLATION \(v)") }
+                if result.violations.isEmpty { print("  no violation") }
+            }
             if !result.violations.isEmpty { throw ExitCode(1) }
-            print("  no violation")
             return
         }
 
         let t0 = monotonicSeconds()
         let summary = search(e)
         let seconds = monotonicSeconds() - t0
+        if json {
+            emit(JSON.object(fileObject(scenario, actors: e.actors.map(\.name), summary, seconds: seconds)).rendered)
+            if summary.counterexample != nil { throw ExitCode(1) }
+            return
+        }
         print("\(how): \(summary.schedules) schedules, \(summary.states) distinct states, \(summary.steps) steps in \((seconds * 1000).rounded() / 1000) s (\(Int(Double(summary.steps) / max(seconds, 1e-9))) steps/s)")
         guard let c = summary.counterexample else {
             print("no violation")
@@ -155,9 +174,38 @@ struct Explore: ParsableCommand {
               : c.deadlock ? "DEADLOCK: schedule \(c.schedule) leaves every remaining actor blocked" : "VIOLATION: schedule \(c.schedule)")
         for t in c.trace { print("  \(t)") }
         for v in c.violations { print("  \(v)") }
-        let mutantFlags = mutants.map { " --mutant \($0.rawValue)" }.joined()
-        print("replay: gmem explore\(mutantFlags) --replay \(c.schedule) \(scenario.file)")
+        print("replay: \(replayCommand(c, scenario))")
         throw ExitCode(1)
+    }
+
+    func replayCommand(_ c: Counterexample, _ scenario: Scenario) -> String {
+        let mutantFlags = mutants.map { " --mutant \($0.rawValue)" }.joined()
+        return "gmem explore\(mutantFlags) --replay \(c.schedule) \(scenario.file)"
+    }
+
+    /// One file's exploration as a JSON object (`--json`).
+    func fileObject(_ scenario: Scenario, actors: [String], _ summary: ExploreSummary, seconds: Double) -> JSONObject {
+        var o = JSONObject([
+            "file": .string(scenario.file), "strategy": .string(strategy.rawValue),
+            "actors": .array(actors.map { .string($0) }),
+            "schedules": .int(summary.schedules), "states": .int(summary.states), "steps": .int(summary.steps),
+            "seconds": .number(format6(seconds)),
+        ])
+        switch strategy {
+        case .exhaustive: o["preemption_bound"] = .int(preemptionBound)
+        case .random: o["seed"] = .int(seed)
+        case .pct: (o["seed"], o["depth"]) = (.int(seed), .int(depth))
+        }
+        guard let c = summary.counterexample else {
+            o["result"] = .string("no_violation")
+            return o
+        }
+        o["result"] = .string(c.livelock ? "livelock" : c.deadlock ? "deadlock" : "violation")
+        o["schedule"] = .string(c.schedule.description)
+        o["trace"] = .array(c.trace.map(\.json))
+        o["violations"] = .array(c.violations.map(\.json))
+        o["replay"] = .string(replayCommand(c, scenario))
+        return o
     }
 
     /// Several files: one line each, then the totals.
@@ -169,19 +217,24 @@ struct Explore: ParsableCommand {
             let r = try runner(s)
             if let why = r.skipReason {
                 skipped += 1
-                emit("\(s.file): skipped: \(why)")
+                if json { emit(JSON.object(JSONObject(["file": .string(s.file), "result": .string("skipped"), "reason": .string(why)])).rendered) }
+                else { emit("\(s.file): skipped: \(why)") }
                 continue
             }
             let t = monotonicSeconds()
             let summary = search(r.explorer)
-            let ms = ((monotonicSeconds() - t) * 10_000).rounded() / 10
+            let seconds = monotonicSeconds() - t
             total.schedules += summary.schedules
             total.states += summary.states
             total.steps += summary.steps
+            if summary.counterexample != nil { failed += 1 }
+            if json {
+                emit(JSON.object(fileObject(s, actors: r.explorer.actors.map(\.name), summary, seconds: seconds)).rendered)
+                continue
+            }
             let actors = r.explorer.actors.count
-            var line = "\(s.file): \(actors) actor\(actors == 1 ? "" : "s"), \(summary.schedules) schedules, \(summary.states) states, \(summary.steps) steps, \(ms) ms: "
+            var line = "\(s.file): \(actors) actor\(actors == 1 ? "" : "s"), \(summary.schedules) schedules, \(summary.states) states, \(summary.steps) steps, \((seconds * 10_000).rounded() / 10) ms: "
             if let c = summary.counterexample {
-                failed += 1
                 let what = c.livelock ? "LIVELOCK" : c.deadlock ? "DEADLOCK" : "VIOLATION \(c.violations.first.map { "\($0)" } ?? "")"
                 line += "\(what) (schedule \(c.schedule); replay with --replay \(c.schedule) \(s.file))"
             } else {
@@ -190,25 +243,43 @@ struct Explore: ParsableCommand {
             emit(line)
         }
         let seconds = monotonicSeconds() - t0
-        emit("\(how): \(scenarios.count - skipped) files, \(total.schedules) schedules, \(total.states) distinct states, \(total.steps) steps in \((seconds * 100).rounded() / 100) s; \(failed) with a violation, \(skipped) skipped")
+        if json {
+            emit(JSON.object(JSONObject(["summary": .object(JSONObject([
+                "files": .int(scenarios.count - skipped), "schedules": .int(total.schedules), "states": .int(total.states),
+                "steps": .int(total.steps), "seconds": .number(format6(seconds)), "violations": .int(failed), "skipped": .int(skipped),
+            ]))])).rendered)
+        } else {
+            emit("\(how): \(scenarios.count - skipped) files, \(total.schedules) schedules, \(total.states) distinct states, \(total.steps) steps in \((seconds * 100).rounded() / 100) s; \(failed) with a violation, \(skipped) skipped")
+        }
         if failed > 0 { throw ExitCode(1) }
     }
 
-    /// `--mutants`: each file's declared mutants, caught or not, as a markdown table.
+    /// `--mutants`: each file's declared mutants, caught or not, as a markdown table
+    /// (or JSON lines).
     func sweepMutants(_ scenarios: [Scenario]) throws {
         let results = MutantSweep.run(scenarios, preemptionBound: preemptionBound, config: modelConfig.config)
-        emit("| mutant | file | schedules until caught | states | time | schedule |")
-        emit("|---|---|---|---|---|---|")
-        for r in results {
-            let name = r.file.split(separator: "/").last.map(String.init) ?? r.file
-            let ms = r.seconds * 1000
-            let time = ms < 10 ? "\((ms * 10).rounded() / 10) ms" : "\(Int(ms.rounded())) ms"
-            emit("| `\(r.mutant.rawValue)` | \(name) | \(r.schedules) | \(r.states) | \(time) | \(r.schedule.map { "`\($0)`" } ?? "**not caught**") |")
-        }
         let missed = results.filter { !$0.caught }
         let uncovered = MutantSweep.uncovered(scenarios)
         let slow = results.filter { $0.seconds > 10 }
-        emit("\(Set(results.filter(\.caught).map(\.mutant)).count) of \(Mutant.allCases.count) mutants caught (exhaustive, preemption bound \(preemptionBound)); slowest \(((results.map(\.seconds).max() ?? 0) * 1000).rounded()) ms")
+        let caught = Set(results.filter(\.caught).map(\.mutant)).count
+        if json {
+            for r in results { emit(r.json.rendered) }
+            emit(JSON.object(JSONObject(["summary": .object(JSONObject([
+                "mutants": .int(Mutant.allCases.count), "caught": .int(caught), "preemption_bound": .int(preemptionBound),
+                "uncovered": .array(uncovered.map { .string($0.rawValue) }),
+                "slowest_seconds": .number(format6(results.map(\.seconds).max() ?? 0)),
+            ]))])).rendered)
+        } else {
+            emit("| mutant | file | schedules until caught | states | time | schedule |")
+            emit("|---|---|---|---|---|---|")
+            for r in results {
+                let name = r.file.split(separator: "/").last.map(String.init) ?? r.file
+                let ms = r.seconds * 1000
+                let time = ms < 10 ? "\((ms * 10).rounded() / 10) ms" : "\(Int(ms.rounded())) ms"
+                emit("| `\(r.mutant.rawValue)` | \(name) | \(r.schedules) | \(r.states) | \(time) | \(r.schedule.map { "`\($0)`" } ?? "**not caught**") |")
+            }
+            emit("\(caught) of \(Mutant.allCases.count) mutants caught (exhaustive, preemption bound \(preemptionBound)); slowest \(((results.map(\.seconds).max() ?? 0) * 1000).rounded()) ms")
+        }
         for m in missed { emitError("\(m.file): \(m.mutant.rawValue) went unnoticed (\(m.schedules) schedules)") }
         for m in uncovered { emitError("\(m.rawValue): no file lists it in \"catches\"") }
         for m in slow { emitError("\(m.file): \(m.mutant.rawValue) took \(m.seconds) s (over 10 s)") }

@@ -440,6 +440,18 @@ struct ExploreFileTests {
         #expect(summary.schedules == 1 && r.explorer.actors.count == 1)
     }
 
+    /// `gmem explore --mutants --json` lines: valid JSON that says what was caught, how.
+    @Test func mutantResultsAsJSON() throws {
+        let s = try Self.scenario("release-vs-unbind")
+        let line = try #require(MutantSweep.run([s]).first).json.rendered
+        let parsed = try JSONParser.parse(line)
+        #expect(parsed["mutant"] == .string("unbind-skips-dying-file"))
+        #expect(parsed["caught"] == .bool(true))
+        #expect(parsed["schedule"] == .string("0.1.1"))
+        #expect(parsed["violation"]?["invariant"] == .string("lifetime"))
+        #expect(format6(0.0034271) == "0.003427" && format6(12.5) == "12.500000")
+    }
+
     @Test func catchesNamesKnownMutants() {
         let text = #"{"name": "x", "catches": ["skip-fault-retry", "no-such-bug"], "steps": []}"#
         #expect {
