@@ -92,4 +92,45 @@ struct RangeMapTests {
             #expect(m.runs(in: 0..<domain + 1).count == changes + 1)
         }
     }
+
+    /// Equal maps hash equally whatever their history (tree shape), and a hash cached
+    /// in a snapshot's nodes is not reused after either copy changes.
+    @Test func hashFollowsContentNotShape() async {
+        let update = PropertyBased.zip(Gen.uint64(in: 0...200), Gen.uint64(in: 0...200), Gen.int(in: 0...2))
+        await propertyCheck(count: 200, input: update.array(of: 1...300)) { updates in
+            var m = RangeMap(0)
+            for (a, b, v) in updates { m.set(min(a, b)..<max(a, b), to: v) }
+            _ = m.hashValue  // fill the caches
+            // The same content, built run by run from scratch.
+            var fresh = RangeMap(0)
+            for (r, v) in m.runs(in: 0..<UInt64.max) where v != 0 { fresh.set(r, to: v) }
+            #expect(m == fresh && m.hashValue == fresh.hashValue)
+            var copy = m
+            copy.set(7..<9, to: 3)
+            var expected = fresh
+            expected.set(7..<9, to: 3)
+            // Re-value a whole run: the run count stays, the content does not.
+            if let (r, v) = copy.runs(in: 100..<101).first {
+                copy.set(r, to: v + 10)
+                expected.set(r, to: v + 10)
+                #expect(copy.hashValue != m.hashValue || copy == m)
+            }
+            #expect(copy == expected && copy.hashValue == expected.hashValue)
+            #expect(m == fresh && m.hashValue == fresh.hashValue, "the snapshot's cached hash still holds")
+        }
+    }
+
+    /// A mutation deep in a large map changes its hash, and undoing it restores it.
+    @Test func hashSeesOneChangeInManyRuns() {
+        var m = RangeMap(0)
+        for i in stride(from: UInt64(0), to: 100_000, by: 2) { m.set(i..<i + 1, to: 1) }
+        let before = m.hashValue
+        // Same number of runs, one value changed: only the digest can tell.
+        m.set(50_000..<50_001, to: 2)
+        #expect(m.hashValue != before)
+        m.set(50_000..<50_001, to: 1)
+        #expect(m.hashValue == before)
+        m.set(50_001..<50_002, to: 1)
+        #expect(m.hashValue != before)
+    }
 }

@@ -158,6 +158,7 @@ sideBySide()
 vmmBenchmarks()
 explorerBenchmarks()
 stormBenchmarks()
+largeWorldBenchmarks()
 
 if let only = getenv("GMEM_BENCH_ONLY").map({ String(cString: $0) }), !"baselines".contains(only) { exit(0) }
 print("")

@@ -17,6 +17,9 @@ struct BTreeMap<Value> {
         var values: [Value]  // leaves only
         var children: [Node]  // internal nodes only
         let isLeaf: Bool
+        /// Wrapping sum of the entries' hashes below this node, once computed; reset
+        /// whenever the node is mutated (every mutation passes `makeUnique`).
+        var digest: Int?
 
         init(leafKeys: [UInt64], values: [Value]) {
             self.keys = leafKeys
@@ -134,10 +137,16 @@ struct BTreeMap<Value> {
         }
     }
 
+    /// Gives `node` to the caller to mutate: a copy if a snapshot shares it, and in
+    /// any case without its cached digest.
     @inline(__always)
     private static func makeUnique(_ node: inout Node) {
         if !isKnownUniquelyReferenced(&node) { node = node.clone() }
+        node.digest = nil
     }
+
+    /// Whether two maps are the same tree (a copy not mutated since).
+    func shares(with other: BTreeMap) -> Bool { root === other.root }
 
     /// Returns whether a new key was added, and the new right sibling if `node` split.
     private static func insert(into node: inout Node, _ key: UInt64, _ value: Value) -> (Bool, Node?) {
@@ -314,5 +323,30 @@ struct BTreeMap<Value> {
         }
         walk(root, depth: 0, isRoot: true)
         precondition(seen == count, "count mismatch")
+    }
+}
+
+extension BTreeMap where Value: Hashable {
+    /// A hash of the entries that does not depend on the tree's shape: the wrapping
+    /// sum of each entry's hash, kept in every node until the node is next mutated.
+    ///
+    /// - Complexity: O(nodes changed since the last call x 64).
+    var contentDigest: Int { Self.digest(root) }
+
+    private static func digest(_ node: Node) -> Int {
+        if let d = node.digest { return d }
+        var sum = 0
+        if node.isLeaf {
+            for (k, v) in zip(node.keys, node.values) {
+                var h = Hasher()
+                h.combine(k)
+                h.combine(v)
+                sum &+= h.finalize()
+            }
+        } else {
+            for c in node.children { sum &+= digest(c) }
+        }
+        node.digest = sum
+        return sum
     }
 }

@@ -111,8 +111,11 @@ public struct RangeMap<Value: Equatable> {
 }
 
 extension RangeMap: Equatable {
+    /// - Complexity: O(1) when the two share their tree (a snapshot and its
+    ///   unmodified copy), else O(runs).
     public static func == (lhs: RangeMap, rhs: RangeMap) -> Bool {
         guard lhs.runCount == rhs.runCount else { return false }
+        if lhs.tree.shares(with: rhs.tree) { return true }
         return lhs.runs(in: 0..<UInt64.max).elementsEqual(rhs.runs(in: 0..<UInt64.max)) {
             $0.range == $1.range && $0.value == $1.value
         }
@@ -120,13 +123,17 @@ extension RangeMap: Equatable {
 }
 
 extension RangeMap: Hashable where Value: Hashable {
+    /// The runs' digest (independent of the tree's shape, as equality is).
+    ///
+    /// - Complexity: O(log runs x 64) after a mutation of one run, O(1) when nothing
+    ///   changed since the last hash: the explorer hashes every state it reaches, and
+    ///   a terabyte guest's millions of ranges must not be walked each time.
     public func hash(into hasher: inout Hasher) {
-        forEachRun(in: 0..<UInt64.max) { r, v in
-            hasher.combine(r.lowerBound)
-            hasher.combine(v)
-            return true
-        }
+        hasher.combine(runCount)
+        hasher.combine(tree.contentDigest)
     }
 }
 
-extension RangeMap: @unchecked Sendable where Value: Sendable {}
+// Not Sendable: its B+tree nodes cache a digest of their entries when first hashed
+// (BTreeMap.contentDigest), so a map must stay on one thread at a time, which Swift 6
+// region checking enforces for non-Sendable values.
