@@ -63,55 +63,71 @@ public enum Mutant: String, CaseIterable, Hashable, Sendable {
 extension Kernel {
     /// Checks isolation, coherence and lifetime over the whole system now.
     ///
-    /// - Complexity: O(faulted pages + PTEs + SPTEs + pins).
+    /// Strings are built only for what is broken: the explorer runs this on every
+    /// state it reaches.
+    ///
+    /// - Complexity: O((faulted pages + PTEs + SPTEs + pinned pages + IOMMU entries)
+    ///   x log n).
     public func checkSystemInvariants() -> [Violation] {
         var out: [Violation] = []
-        // Who maps each frame in the host.
-        var hostMapped: [UInt64: [String]] = [:]
-        for (pid, p) in processes.sorted(by: { $0.key < $1.key }) {
-            for (vpn, pte) in p.mm.ptes.sorted(by: { $0.key < $1.key }) {
-                hostMapped[pte.pfn, default: []].append("process \(pid) PTE at 0x\(String(vpn << 12, radix: 16))")
+        func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
+
+        // Isolation: who reaches each private guest_memfd frame. One pass over each
+        // kind of mapping, keeping only hits on a private frame.
+        var privateFrames: [UInt64: (ino: UInt64, pgoff: UInt64)] = [:]
+        for (ino, inode) in gmemInodes {
+            for (pgoff, pfn) in inode.folios where !inode.isShared(pgoff) { privateFrames[pfn] = (ino, pgoff) }
+        }
+        var reachedBy: [UInt64: (host: [String], pins: [UInt64], devices: [String], vms: [String])] = [:]
+        if !privateFrames.isEmpty {
+            for (pid, p) in processes.sorted(by: { $0.key < $1.key }) {
+                for (vpn, pte) in p.mm.ptes where privateFrames[pte.pfn] != nil {
+                    reachedBy[pte.pfn, default: ([], [], [], [])].host.append("process \(pid) PTE at \(hex(vpn << 12))")
+                }
+            }
+            for (id, pin) in pins.sorted(by: { $0.key < $1.key }) {
+                for pfn in pin.pfns where privateFrames[pfn] != nil { reachedBy[pfn, default: ([], [], [], [])].pins.append(id) }
+            }
+            for (domainID, d) in iommuDomains.sorted(by: { $0.key < $1.key }) {
+                for (iovaPage, e) in d.entries where privateFrames[e.pfn] != nil {
+                    reachedBy[e.pfn, default: ([], [], [], [])].devices.append("IOMMU domain \(domainID) (\(d.model.rawValue)) iova \(hex(iovaPage << 12))")
+                }
+            }
+            for (vmID, vm) in vms.sorted(by: { $0.key < $1.key }) {
+                for (gfn, spte) in vm.spte {
+                    guard let page = privateFrames[spte.pfn] else { continue }
+                    // The VMs whose files view this inode may map it; no other.
+                    let owners = gmemInodes[page.ino]!.files.compactMap { gmemFiles[$0]?.vm ?? nil }
+                    if !owners.contains(vmID) { reachedBy[spte.pfn, default: ([], [], [], [])].vms.append("VM \(vmID) gfn \(hex(gfn))") }
+                }
             }
         }
-        var pinnedBy: [UInt64: [UInt64]] = [:]
-        for (id, p) in pins { for pfn in p.pfns { pinnedBy[pfn, default: []].append(id) } }
-
-        // Isolation: private guest_memfd pages.
-        for (ino, inode) in gmemInodes.sorted(by: { $0.key < $1.key }) {
-            let owners = Set(inode.files.compactMap { gmemFiles[$0]?.vm ?? nil })
-            for (pgoff, pfn) in inode.folios.sorted(by: { $0.key < $1.key }) where !inode.isShared(pgoff) {
-                let page = "guest_memfd inode \(ino) offset 0x\(String(pgoff << 12, radix: 16)) (pfn 0x\(String(pfn, radix: 16)))"
-                if let mappers = hostMapped[pfn] {
-                    out.append(Violation(invariant: .isolation, page: page, parties: mappers,
-                        detail: "private page mapped by host userspace"))
-                }
-                if let ids = pinnedBy[pfn] {
-                    out.append(Violation(invariant: .isolation, page: page,
-                        parties: ids.map { "GUP pin \($0)" }, detail: "private page pinned by the host"))
-                }
-                for (domainID, d) in iommuDomains.sorted(by: { $0.key < $1.key }) {
-                    for (iovaPage, e) in d.entries.sorted(by: { $0.key < $1.key }) where e.pfn == pfn {
-                        out.append(Violation(invariant: .isolation, page: page,
-                            parties: ["IOMMU domain \(domainID) (\(d.model.rawValue)) iova 0x\(String(iovaPage << 12, radix: 16))"],
-                            detail: "private page reachable by a device"))
-                    }
-                }
-                for (vmID, vm) in vms where !owners.contains(vmID) {
-                    for (gfn, spte) in vm.spte where spte.pfn == pfn {
-                        out.append(Violation(invariant: .isolation, page: page,
-                            parties: ["VM \(vmID) gfn 0x\(String(gfn, radix: 16))"], detail: "private page mapped into another VM"))
-                    }
-                }
+        for (pfn, r) in reachedBy.sorted(by: { (privateFrames[$0.key]!.ino, privateFrames[$0.key]!.pgoff) < (privateFrames[$1.key]!.ino, privateFrames[$1.key]!.pgoff) }) {
+            let (ino, pgoff) = privateFrames[pfn]!
+            let page = "guest_memfd inode \(ino) offset \(hex(pgoff << 12)) (pfn \(hex(pfn)))"
+            if !r.host.isEmpty {
+                out.append(Violation(invariant: .isolation, page: page, parties: r.host, detail: "private page mapped by host userspace"))
+            }
+            if !r.pins.isEmpty {
+                out.append(Violation(invariant: .isolation, page: page, parties: r.pins.map { "GUP pin \($0)" }, detail: "private page pinned by the host"))
+            }
+            for d in r.devices {
+                out.append(Violation(invariant: .isolation, page: page, parties: [d], detail: "private page reachable by a device"))
+            }
+            for v in r.vms {
+                out.append(Violation(invariant: .isolation, page: page, parties: [v], detail: "private page mapped into another VM"))
             }
         }
 
         // Coherence: every SPTE points at the page its backing holds now.
         for (vmID, vm) in vms.sorted(by: { $0.key < $1.key }) {
-            for (gfn, spte) in vm.spte.sorted(by: { $0.key < $1.key }) {
-                let party = "VM \(vmID) SPTE gfn 0x\(String(gfn, radix: 16)) -> pfn 0x\(String(spte.pfn, radix: 16))"
-                let page = "gpa 0x\(String(gfn << 12, radix: 16))"
+            for (gfn, spte) in vm.spte {
+                func broken(_ invariant: Violation.Invariant, _ detail: String) {
+                    out.append(Violation(invariant: invariant, page: "gpa \(hex(gfn << 12))",
+                        parties: ["VM \(vmID) SPTE gfn \(hex(gfn)) -> pfn \(hex(spte.pfn))"], detail: detail))
+                }
                 guard let slotID = vm.slotByGfn.value(at: gfn), let slot = vm.memslots[slotID] else {
-                    out.append(Violation(invariant: .coherence, page: page, parties: [party], detail: "SPTE with no memslot"))
+                    broken(.coherence, "SPTE with no memslot")
                     continue
                 }
                 let expected: UInt64?
@@ -119,20 +135,17 @@ extension Kernel {
                     if let b = slot.gmem, b.fileAlive, let f = gmemFiles[b.file] {
                         expected = gmemInodes[f.inode]!.folios[b.pgoff + gfn - slot.baseGfn]
                     } else {
-                        out.append(Violation(invariant: .lifetime, page: page, parties: [party],
-                            detail: "SPTE of a memslot whose guest_memfd is gone"))
+                        broken(.lifetime, "SPTE of a memslot whose guest_memfd is gone")
                         continue
                     }
                 } else {
                     expected = processes[vm.mmPID]?.mm.ptes[(slot.userspaceAddr >> 12) + gfn - slot.baseGfn]?.pfn
                 }
                 if expected != spte.pfn {
-                    out.append(Violation(invariant: .coherence, page: page, parties: [party],
-                        detail: expected.map { "the backing now holds pfn 0x\(String($0, radix: 16))" } ?? "the backing holds no page there"))
+                    broken(.coherence, expected.map { "the backing now holds pfn \(hex($0))" } ?? "the backing holds no page there")
                 }
                 if spte.isPrivate != kvmMemIsPrivate(vm: vmID, gfn: gfn) {
-                    out.append(Violation(invariant: .coherence, page: page, parties: [party],
-                        detail: "SPTE maps the \(spte.isPrivate ? "private" : "shared") side of a \(spte.isPrivate ? "shared" : "private") gfn"))
+                    broken(.coherence, "SPTE maps the \(spte.isPrivate ? "private" : "shared") side of a \(spte.isPrivate ? "shared" : "private") gfn")
                 }
             }
         }

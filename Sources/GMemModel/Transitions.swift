@@ -23,31 +23,38 @@ extension Kernel {
     /// - Complexity: O(faulted guest_memfd pages + pKVM pages).
     public static func transitionViolations(before: Kernel, after: Kernel, effect: ContentEffect) -> [Violation] {
         var out: [Violation] = []
+        func page(_ ino: UInt64, _ pgoff: UInt64) -> String { "guest_memfd inode \(ino) offset 0x\(String(pgoff << 12, radix: 16))" }
+        // Nothing about any page's bytes changed: only the page caches and the
+        // shareability can have (the explorer's common case, checked in O(1)).
+        let framesSame = before.phys.frames.isIdentical(to: after.phys.frames)
         for (ino, new) in after.gmemInodes.sorted(by: { $0.key < $1.key }) {
             guard let old = before.gmemInodes[ino] else { continue }
+            if framesSame && old.folios.isIdentical(to: new.folios) && old.privatePages.isIdentical(to: new.privatePages) { continue }
             let lossy = new.files.compactMap { after.gmemFiles[$0]?.vm ?? nil }.contains { after.vms[$0]?.type.conversionIsLossy == true }
-            for (pgoff, pfn) in new.folios.sorted(by: { $0.key < $1.key }) {
-                let page = "guest_memfd inode \(ino) offset 0x\(String(pgoff << 12, radix: 16))"
+            for (pgoff, pfn) in new.folios {
                 let data = after.phys.frames[pfn]?.data
                 // No leak.
                 if new.inPlace, old.privatePages.value(at: pgoff), !new.privatePages.value(at: pgoff), lossy,
                     data?.contains(where: { $0 != 0 }) == true
                 {
-                    out.append(Violation(invariant: .noLeak, page: page, parties: ["host (now shared)"],
+                    out.append(Violation(invariant: .noLeak, page: page(ino, pgoff), parties: ["host (now shared)"],
                         detail: "private contents became visible to the host on a platform that does not preserve them"))
                 }
                 // No loss.
                 if effect == .preserving, let oldPFN = old.folios[pgoff], !(lossy && old.privatePages.value(at: pgoff) != new.privatePages.value(at: pgoff)) {
-                    if before.phys.frames[oldPFN]?.data != data && !(before.phys.frames[oldPFN]?.data == nil && data?.allSatisfy({ $0 == 0 }) == true) {
-                        out.append(Violation(invariant: .noLoss, page: page, parties: ["guest_memfd"],
+                    let oldFrame = before.phys.frames[oldPFN]
+                    // The same frame with the same bytes (digests first: O(1) unless equal).
+                    if oldPFN == pfn, let f = oldFrame, let g = after.phys.frames[pfn], f.sameBytes(as: g) { continue }
+                    if oldFrame?.data != data && !(oldFrame?.data == nil && data?.allSatisfy({ $0 == 0 }) == true) {
+                        out.append(Violation(invariant: .noLoss, page: page(ino, pgoff), parties: ["guest_memfd"],
                             detail: "a call that preserves contents changed them"))
                     }
                 }
             }
             if effect == .preserving {
-                for (pgoff, oldPFN) in old.folios.sorted(by: { $0.key < $1.key }) where new.folios[pgoff] == nil {
+                for (pgoff, oldPFN) in old.folios where new.folios[pgoff] == nil {
                     if before.phys.frames[oldPFN]?.data?.contains(where: { $0 != 0 }) == true {
-                        out.append(Violation(invariant: .noLoss, page: "guest_memfd inode \(ino) offset 0x\(String(pgoff << 12, radix: 16))",
+                        out.append(Violation(invariant: .noLoss, page: page(ino, pgoff),
                             parties: ["guest_memfd"], detail: "a call that preserves contents dropped a page holding data"))
                     }
                 }

@@ -26,7 +26,7 @@ struct IOMMUDomain: Hashable {
     /// SVA: the process whose page tables the device walks (its entries are the IOTLB).
     var pid: UInt32?
     /// IOVA page -> entry.
-    var entries: [UInt64: IOMMUEntry] = [:]
+    var entries = PageMap<IOMMUEntry>()
 }
 
 extension Kernel {

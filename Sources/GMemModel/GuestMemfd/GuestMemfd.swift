@@ -20,7 +20,7 @@ struct GmemInode: Hashable {
     /// Allocation state per page offset, coalesced.
     var state = RangeMap(GmemPageState.hole)
     /// The frames of pages that were faulted (page cache entries with identity).
-    var folios: [UInt64: UInt64] = [:]
+    var folios = PageMap<UInt64>()
     /// Files (one per VM view) that refer to this inode.
     var files: Set<UInt64> = []
     /// Shareability is tracked here (in-place conversion) rather than in the VM.

@@ -36,7 +36,7 @@ struct PTE: Hashable {
 /// The process's mm: VMAs by virtual page number, and page tables.
 struct AddressSpace: Hashable {
     var vmas = RangeMap<VMA?>(nil)
-    var ptes: [UInt64: PTE] = [:]
+    var ptes = PageMap<PTE>()
     /// Where the next mmap without a hint goes (grows upwards, one guard page apart).
     var nextVPN: UInt64 = 0x7f00_0000_0000 >> UAPI.pageShift
 }

@@ -62,7 +62,7 @@ struct VM: Hashable {
     /// KVM_SET_MEMORY_ATTRIBUTES state per gfn.
     var attributes = RangeMap<UInt64>(0)
     /// The stage-2 page table, by gfn.
-    var spte: [UInt64: SPTE] = [:]
+    var spte = PageMap<SPTE>()
     /// mmu_invalidate_seq: bumped by every invalidation.
     var mmuInvalidateSeq: UInt64 = 0
     var vcpus: Set<UInt32> = []
@@ -227,16 +227,4 @@ extension Kernel {
         vms[vm]!.attributes.set(gfns, to: attributes)
         counters.conversionsDone += 1
     }
-}
-
-/// The keys of `table` inside `range`, found by walking whichever is smaller: the
-/// range or the table. Callers mutate the table afterwards, so this must not hold a
-/// copy of it (a live copy would make the mutation copy the whole dictionary).
-///
-/// - Complexity: O(min(range length, table count)).
-func presentKeys<V>(of table: [UInt64: V], in range: Range<UInt64>) -> [UInt64] {
-    if UInt64(table.count) < range.upperBound - range.lowerBound {
-        return table.keys.filter { range.contains($0) }
-    }
-    return range.filter { table[$0] != nil }
 }

@@ -76,17 +76,25 @@ struct Frame: Hashable {
         hasher.combine(hwpoison)
     }
 
+    /// Whether the two frames hold the same bytes.
+    ///
+    /// - Complexity: O(1) when the bytes are shared or their digests differ; else
+    ///   O(page size).
+    func sameBytes(as other: Frame) -> Bool {
+        switch (storage, other.storage) {
+        case (nil, nil): return true
+        case let (x?, y?): return x === y || (x.digest == y.digest && x.bytes == y.bytes)
+        default: return false
+        }
+    }
+
     /// - Complexity: O(1) when the bytes are shared or their digests differ; else
     ///   O(page size).
     static func == (a: Frame, b: Frame) -> Bool {
         guard a.refcount == b.refcount, a.mapcount == b.mapcount, a.pincount == b.pincount, a.hwpoison == b.hwpoison else {
             return false
         }
-        switch (a.storage, b.storage) {
-        case (nil, nil): return true
-        case let (x?, y?): return x === y || (x.digest == y.digest && x.bytes == y.bytes)
-        default: return false
-        }
+        return a.sameBytes(as: b)
     }
 }
 
@@ -95,7 +103,7 @@ struct Frame: Hashable {
 /// A frame exists only while something references it (a page cache, a PTE), and
 /// its bytes only once something non-zero was written to it.
 struct PhysicalMemory: Hashable {
-    private(set) var frames: [UInt64: Frame] = [:]
+    private(set) var frames = PageMap<Frame>()
     private var nextPFN: UInt64 = 0x100
     /// Pages cleared and pages copied, for the policy comparison.
     @Bookkeeping private(set) var pagesZeroed = 0

@@ -110,12 +110,19 @@ public struct RangeMap<Value: Equatable> {
     }
 }
 
+extension RangeMap {
+    /// Whether `other` is this map, unchanged since one was copied from the other.
+    ///
+    /// - Complexity: O(1).
+    func isIdentical(to other: RangeMap) -> Bool { tree.shares(with: other.tree) }
+}
+
 extension RangeMap: Equatable {
     /// - Complexity: O(1) when the two share their tree (a snapshot and its
     ///   unmodified copy), else O(runs).
     public static func == (lhs: RangeMap, rhs: RangeMap) -> Bool {
         guard lhs.runCount == rhs.runCount else { return false }
-        if lhs.tree.shares(with: rhs.tree) { return true }
+        if lhs.isIdentical(to: rhs) { return true }
         return lhs.runs(in: 0..<UInt64.max).elementsEqual(rhs.runs(in: 0..<UInt64.max)) {
             $0.range == $1.range && $0.value == $1.value
         }
