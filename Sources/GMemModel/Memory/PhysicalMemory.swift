@@ -19,8 +19,8 @@ struct Bookkeeping<Value>: Hashable {
 /// on one thread at a time: the cache needs no lock.
 final class PageBytes {
     /// Mutated only through a uniquely referenced box (`Frame.write`).
-    fileprivate(set) var bytes: [UInt8]
-    private var cachedDigest: Int?
+    @exclusivity(unchecked) fileprivate(set) var bytes: [UInt8]
+    @exclusivity(unchecked) private var cachedDigest: Int?
 
     init(_ bytes: [UInt8]) { self.bytes = bytes }
 
