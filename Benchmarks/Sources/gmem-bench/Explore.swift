@@ -24,54 +24,58 @@ func explorerBenchmarks() {
     try! k.fallocate(gmem, mode: UAPI.FALLOC_FL_KEEP_SIZE, offset: 0, length: 16 * K)
     let vcpu = try! k.createVCPU(vm: vm, id: 0)
 
-    var vcpuSteps: [ExploreStep] = []
-    for page in 0..<UInt64(4) {
-        let gpa = base + page * 4 * K
-        vcpuSteps += ExploreStep.guestFault(at: vcpuSteps.count, gpa: gpa, write: true) { _ in vcpu }
-        vcpuSteps.append(ExploreStep("write \(page)", effect: .writes) { w, _ in
-            _ = try? w.kernel.guestAccess(vcpu: vcpu, GuestAccess(gpa: gpa, kind: .write([0x5a])))
-            return StepResult("written")
-        })
-    }
-    let punch = ExploreActor("punch", [1, 3].map { page in
-        ExploreStep("punch \(page)", effect: .destructive) { w, _ in
-            try? w.kernel.fallocate(gmem, mode: UAPI.FALLOC_FL_PUNCH_HOLE | UAPI.FALLOC_FL_KEEP_SIZE, offset: UInt64(page) * 4 * K, length: 4 * K)
-            return StepResult("punched")
-        }
-    })
+    let vcpuActor = writer(vcpu: vcpu, gpas: (0..<UInt64(4)).map { base + $0 * 4 * K })
+    let punch = puncher(gmem: gmem, pages: [1, 3])
     let share = ExploreActor("share", [ExploreStep("to shared 2") { w, _ in
         _ = try? w.kernel.setMemoryAttributes(vm: vm, address: base + 8 * K, size: 4 * K, attributes: 0, flags: 0)
         return StepResult("shared")
     }])
-    let e = Explorer(initial: World(kernel: k), actors: [ExploreActor("vcpu", vcpuSteps), punch, share])
+    let e = Explorer(initial: World(kernel: k), actors: [vcpuActor, punch, share])
 
+    measureExploration("exhaustive, preemption bound 2") { e.exhaustive(preemptionBound: 2) }
+    measureExploration("random, 2,000 schedules") { e.random(seed: 1, count: 2_000) }
+}
+
+/// A vCPU that faults (split at mmu_lock) and writes one byte at each of `gpas`.
+func writer(vcpu: Int32, gpas: [UInt64]) -> ExploreActor {
+    var steps: [ExploreStep] = []
+    for gpa in gpas {
+        steps += ExploreStep.guestFault(at: steps.count, gpa: gpa, write: true) { _ in vcpu }
+        steps.append(ExploreStep("write 0x\(String(gpa, radix: 16))", effect: .writes) { w, _ in
+            _ = try? w.kernel.guestAccess(vcpu: vcpu, GuestAccess(gpa: gpa, kind: .write([0x5a])))
+            return StepResult("written")
+        })
+    }
+    return ExploreActor("vcpu", steps)
+}
+
+/// A VMM thread that punches each of `pages` (4K page indices) out of `gmem`.
+func puncher(gmem: Int32, pages: [UInt64]) -> ExploreActor {
+    ExploreActor("vmm", pages.map { page in
+        ExploreStep("punch \(page)", effect: .destructive) { w, _ in
+            try? w.kernel.fallocate(gmem, mode: UAPI.FALLOC_FL_PUNCH_HOLE | UAPI.FALLOC_FL_KEEP_SIZE, offset: page * 4 * K, length: 4 * K)
+            return StepResult("punched")
+        }
+    })
+}
+
+/// Runs `body` `runs` times and reports the median time and the rates.
+func measureExploration(_ what: String, _ body: () -> ExploreSummary) {
     var last = ExploreSummary()
     var seconds: [Double] = []
     for _ in 0..<runs {
         let t0 = now()
-        last = e.exhaustive(preemptionBound: 2)
+        last = body()
         seconds.append(now() - t0)
     }
     seconds.sort()
-    let t = seconds[seconds.count / 2]
     precondition(last.counterexample == nil, "the shipped model broke an invariant under exploration")
-    print("exhaustive, preemption bound 2: \(last.schedules) schedules, \(last.states) distinct states, \(last.steps) steps")
+    let t = seconds[seconds.count / 2]
+    print("\(what): \(last.schedules) schedules, \(last.states) distinct states, \(last.steps) steps")
     report("  time", t * 1e3, seconds.first! * 1e3, seconds.last! * 1e3, "ms")
     report("  steps per second", Double(last.steps) / t, Double(last.steps) / seconds.last!, Double(last.steps) / seconds.first!, "steps/s")
+    report("  distinct states per second", Double(last.states) / t, Double(last.states) / seconds.last!, Double(last.states) / seconds.first!, "states/s")
     report("  schedules per second", Double(last.schedules) / t, Double(last.schedules) / seconds.last!, Double(last.schedules) / seconds.first!, "sched/s")
-
-    var r = ExploreSummary()
-    seconds = []
-    for _ in 0..<runs {
-        let t0 = now()
-        r = e.random(seed: 1, count: 2_000)
-        seconds.append(now() - t0)
-    }
-    seconds.sort()
-    let rt = seconds[seconds.count / 2]
-    print("random, 2,000 schedules: \(r.states) distinct states, \(r.steps) steps")
-    report("  steps per second", Double(r.steps) / rt, Double(r.steps) / seconds.last!, Double(r.steps) / seconds.first!, "steps/s")
-    report("  schedules per second", Double(r.schedules) / rt, Double(r.schedules) / seconds.last!, Double(r.schedules) / seconds.first!, "sched/s")
 }
 
 /// The largest bundled race, scenarios/explore/conversion-storm.json (5 actors, 15
@@ -93,26 +97,9 @@ func stormBenchmarks() {
     let e = runner.explorer
     print("")
     print("conversion-storm.json (\(e.actors.count) actors, \(e.actors.reduce(0) { $0 + $1.steps.count }) steps, every invariant checked after each step), median of \(runs) runs:")
-    func measure(_ what: String, _ body: () -> ExploreSummary) {
-        var last = ExploreSummary()
-        var seconds: [Double] = []
-        for _ in 0..<runs {
-            let t0 = now()
-            last = body()
-            seconds.append(now() - t0)
-        }
-        seconds.sort()
-        precondition(last.counterexample == nil, "the shipped model broke an invariant under exploration")
-        let t = seconds[seconds.count / 2]
-        print("\(what): \(last.schedules) schedules, \(last.states) distinct states, \(last.steps) steps")
-        report("  time", t * 1e3, seconds.first! * 1e3, seconds.last! * 1e3, "ms")
-        report("  steps per second", Double(last.steps) / t, Double(last.steps) / seconds.last!, Double(last.steps) / seconds.first!, "steps/s")
-        report("  distinct states per second", Double(last.states) / t, Double(last.states) / seconds.last!, Double(last.states) / seconds.first!, "states/s")
-        report("  schedules per second", Double(last.schedules) / t, Double(last.schedules) / seconds.last!, Double(last.schedules) / seconds.first!, "sched/s")
-    }
-    measure("exhaustive, preemption bound 2") { e.exhaustive(preemptionBound: 2) }
-    measure("exhaustive, preemption bound 3") { e.exhaustive(preemptionBound: 3) }
-    measure("random, 2,000 schedules") { e.random(seed: 1, count: 2_000) }
+    measureExploration("exhaustive, preemption bound 2") { e.exhaustive(preemptionBound: 2) }
+    measureExploration("exhaustive, preemption bound 3") { e.exhaustive(preemptionBound: 3) }
+    measureExploration("random, 2,000 schedules") { e.random(seed: 1, count: 2_000) }
 }
 
 /// The explorer on a large world: a 1 GiB guest whose memory attributes alternate on
@@ -139,35 +126,10 @@ func largeWorldBenchmarks() {
         let gpa = base + page * 4 * K
         _ = try! k.guestAccess(vcpu: vcpu, GuestAccess(gpa: gpa, kind: .read(count: 1), isPrivate: page % 2 == 0))
     }
-    var steps: [ExploreStep] = []
-    for page in [UInt64(0), 2, 4] {
-        let gpa = base + page * 4 * K
-        steps += ExploreStep.guestFault(at: steps.count, gpa: gpa, write: true) { _ in vcpu }
-        steps.append(ExploreStep("write \(page)", effect: .writes) { w, _ in
-            _ = try? w.kernel.guestAccess(vcpu: vcpu, GuestAccess(gpa: gpa, kind: .write([0x5a])))
-            return StepResult("written")
-        })
-    }
-    let vmm = ExploreActor("vmm", [0, 4].map { page in
-        ExploreStep("punch \(page)", effect: .destructive) { w, _ in
-            try? w.kernel.fallocate(gmem, mode: UAPI.FALLOC_FL_PUNCH_HOLE | UAPI.FALLOC_FL_KEEP_SIZE, offset: UInt64(page) * 4 * K, length: 4 * K)
-            return StepResult("punched")
-        }
-    })
-    let e = Explorer(initial: World(kernel: k), actors: [ExploreActor("vcpu", steps), vmm])
+    let e = Explorer(initial: World(kernel: k), actors: [
+        writer(vcpu: vcpu, gpas: [0, 2, 4].map { base + $0 * 4 * K }), puncher(gmem: gmem, pages: [0, 4]),
+    ])
     print("")
     print("the explorer on a 1 GiB guest with 262,144 attribute ranges and 65,536 faulted pages (2 actors, 11 steps), median of \(runs) runs:")
-    var last = ExploreSummary()
-    var seconds: [Double] = []
-    for _ in 0..<runs {
-        let t0 = now()
-        last = e.exhaustive(preemptionBound: 2)
-        seconds.append(now() - t0)
-    }
-    seconds.sort()
-    precondition(last.counterexample == nil, "the shipped model broke an invariant under exploration")
-    let t = seconds[seconds.count / 2]
-    print("exhaustive, preemption bound 2: \(last.schedules) schedules, \(last.states) distinct states, \(last.steps) steps")
-    report("  time", t * 1e3, seconds.first! * 1e3, seconds.last! * 1e3, "ms")
-    report("  steps per second", Double(last.steps) / t, Double(last.steps) / seconds.last!, Double(last.steps) / seconds.first!, "steps/s")
+    measureExploration("exhaustive, preemption bound 2") { e.exhaustive(preemptionBound: 2) }
 }
