@@ -1,11 +1,15 @@
 import GMemBackend
 import GMemModel
 
-/// Builds an `Explorer` from a scenario with actors: the setup steps run once on the
-/// model, then each actor's program becomes explorer steps over the resulting world.
-/// Scenario steps in a program run atomically (their `expect` fields are ignored: in
-/// some interleavings a step rightly fails; the trace shows what it got); a
-/// `guest_fault` is two steps split where KVM drops mmu_lock.
+/// Builds an `Explorer` from a scenario: the setup steps run once on the model, then
+/// each actor's program becomes explorer steps over the resulting world. Scenario
+/// steps run whole (their `expect` fields are ignored: in some interleavings a step
+/// rightly fails; the trace shows what it got) and wait while they would sleep on a
+/// lock a paused operation holds, except the operations the kernel itself performs
+/// in pieces, which are split where it drops a lock or takes none: a `guest_fault`
+/// (mmu_lock), `pin_user_pages_fast` (lockless), in-place to-private and hypervisor
+/// IOMMU maps (filemap_invalidate_lock), memslot deletion (SRCU), the last close
+/// (fput before kvm_gmem_release()).
 public final class ExploreRunner {
     public let scenario: Scenario
     let backend: ModelBackend
