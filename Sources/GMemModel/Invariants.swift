@@ -121,33 +121,7 @@ extension Kernel {
 
         // Coherence: every SPTE points at the page its backing holds now.
         for (vmID, vm) in vms.sorted(by: { $0.key < $1.key }) {
-            for (gfn, spte) in vm.spte {
-                func broken(_ invariant: Violation.Invariant, _ detail: String) {
-                    out.append(Violation(invariant: invariant, page: "gpa \(hex(gfn << 12))",
-                        parties: ["VM \(vmID) SPTE gfn \(hex(gfn)) -> pfn \(hex(spte.pfn))"], detail: detail))
-                }
-                guard let slotID = vm.slotByGfn.value(at: gfn), let slot = vm.memslots[slotID] else {
-                    broken(.coherence, "SPTE with no memslot")
-                    continue
-                }
-                let expected: UInt64?
-                if spte.isPrivate || slot.gmemOnly {
-                    if let b = slot.gmem, b.fileAlive, let f = gmemFiles[b.file] {
-                        expected = gmemInodes[f.inode]!.folios[b.pgoff + gfn - slot.baseGfn]
-                    } else {
-                        broken(.lifetime, "SPTE of a memslot whose guest_memfd is gone")
-                        continue
-                    }
-                } else {
-                    expected = processes[vm.mmPID]?.mm.ptes[(slot.userspaceAddr >> 12) + gfn - slot.baseGfn]?.pfn
-                }
-                if expected != spte.pfn {
-                    broken(.coherence, expected.map { "the backing now holds pfn \(hex($0))" } ?? "the backing holds no page there")
-                }
-                if spte.isPrivate != kvmMemIsPrivate(vm: vmID, gfn: gfn) {
-                    broken(.coherence, "SPTE maps the \(spte.isPrivate ? "private" : "shared") side of a \(spte.isPrivate ? "shared" : "private") gfn")
-                }
-            }
+            for (gfn, spte) in vm.spte { checkSPTE(vm: vmID, vm, gfn: gfn, spte, into: &out) }
         }
 
         // Coherence of IOMMU entries that name a guest_memfd page: the device sees the
@@ -224,5 +198,37 @@ extension Kernel {
             }
         }
         return out
+    }
+}
+
+extension Kernel {
+    /// The coherence (and lifetime) of one SPTE: it has a memslot, points at the page
+    /// its backing holds now, and maps the side (private or shared) the gfn is on.
+    func checkSPTE(vm vmID: UInt64, _ vm: VM, gfn: UInt64, _ spte: SPTE, into out: inout [Violation]) {
+        func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
+        func broken(_ invariant: Violation.Invariant, _ detail: String) {
+            out.append(Violation(invariant: invariant, page: "gpa \(hex(gfn << 12))",
+                parties: ["VM \(vmID) SPTE gfn \(hex(gfn)) -> pfn \(hex(spte.pfn))"], detail: detail))
+        }
+        guard let slotID = vm.slotByGfn.value(at: gfn), let slot = vm.memslots[slotID] else {
+            broken(.coherence, "SPTE with no memslot")
+            return
+        }
+        let expected: UInt64?
+        if spte.isPrivate || slot.gmemOnly {
+            guard let b = slot.gmem, b.fileAlive, let f = gmemFiles[b.file] else {
+                broken(.lifetime, "SPTE of a memslot whose guest_memfd is gone")
+                return
+            }
+            expected = gmemInodes[f.inode]!.folios[b.pgoff + gfn - slot.baseGfn]
+        } else {
+            expected = processes[vm.mmPID]?.mm.ptes[(slot.userspaceAddr >> 12) + gfn - slot.baseGfn]?.pfn
+        }
+        if expected != spte.pfn {
+            broken(.coherence, expected.map { "the backing now holds pfn \(hex($0))" } ?? "the backing holds no page there")
+        }
+        if spte.isPrivate != kvmMemIsPrivate(vm: vmID, gfn: gfn) {
+            broken(.coherence, "SPTE maps the \(spte.isPrivate ? "private" : "shared") side of a \(spte.isPrivate ? "shared" : "private") gfn")
+        }
     }
 }

@@ -452,6 +452,31 @@ struct ExploreFileTests {
         #expect(format6(0.0034271) == "0.003427" && format6(12.5) == "12.500000")
     }
 
+    /// The incremental invariant check gives the full check's answer on every edge
+    /// the explorer takes, in every race file, on the shipped model and under every
+    /// mutant the file catches (where the answers are violations).
+    @Test("the incremental invariant check agrees with the full one", arguments: files)
+    func incrementalCheckAgrees(_ name: String) throws {
+        let s = try Self.scenario(name)
+        final class Tally: @unchecked Sendable { var edges = 0, shortcuts = 0, mismatches: [String] = [] }
+        let tally = Tally()
+        for mutants in [[]] + s.catches.map({ [$0] }) {
+            var e = try Self.runner(name, Set(mutants)).explorer
+            e.invariantCheck = { q, p in
+                let full = q.checkSystemInvariants()
+                let incremental = q.checkSystemInvariants(since: p)
+                tally.edges += 1
+                if q.sameOutsidePages(as: p) { tally.shortcuts += 1 }
+                if incremental != full { tally.mismatches.append("\(mutants): \(incremental) vs \(full)") }
+                return full
+            }
+            _ = e.exhaustive(preemptionBound: 2)
+        }
+        #expect(tally.mismatches.isEmpty, "\(tally.mismatches.prefix(3))")
+        #expect(tally.edges > 0)
+        if name.hasPrefix("fault-vs") || name == "conversion-storm" { #expect(tally.shortcuts > 0, "the shortcut is exercised") }
+    }
+
     @Test func catchesNamesKnownMutants() {
         let text = #"{"name": "x", "catches": ["skip-fault-retry", "no-such-bug"], "steps": []}"#
         #expect {
@@ -473,5 +498,88 @@ struct ExploreFileTests {
         } catch {
             #expect("\(error)".contains("f.json") && "\(error)".contains(says), "\(error)")
         }
+    }
+}
+
+/// The incremental invariant check against the full one on steps built by hand to
+/// break each invariant in a way only the step's own changes show: the shortcut must
+/// find each and report what the full check reports.
+@Suite("Incremental invariants")
+struct IncrementalInvariantTests {
+    static let gpa: UInt64 = 1 << 30
+
+    /// A sw_protected VM with two memslots: slot 0 private (guest_memfd, page 0
+    /// faulted in privately), slot 1 shared memory from a memfd mapping (page 0
+    /// faulted in); every invariant holds.
+    static func world() throws -> (Kernel, vm: UInt64, ino: UInt64, vpn: UInt64) {
+        var k = Kernel()
+        let vmFD = try k.createVM(type: VMType.swProtected.number)
+        let gmem = try k.createGuestMemfd(on: vmFD, size: 16384, flags: 0)
+        try k.setUserMemoryRegion2(vm: vmFD, UserMemoryRegion2(
+            slot: 0, flags: UAPI.KVM_MEM_GUEST_MEMFD, guestPhysAddr: gpa, memorySize: 16384, userspaceAddr: 0, guestMemfd: UInt32(gmem)))
+        _ = try k.setMemoryAttributes(vm: vmFD, address: gpa, size: 16384, attributes: UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE, flags: 0)
+        let shm = try k.memfdCreate(size: 16384)
+        let map = try k.mmap(fd: shm, offset: 0, length: 16384, prot: [.read, .write], shared: true)
+        try k.setUserMemoryRegion2(vm: vmFD, UserMemoryRegion2(
+            slot: 1, flags: 0, guestPhysAddr: 2 * gpa, memorySize: 16384, userspaceAddr: map.address))
+        let vcpu = try k.createVCPU(vm: vmFD, id: 0)
+        _ = try k.guestAccess(vcpu: vcpu, GuestAccess(gpa: gpa, kind: .write([1])))
+        _ = try k.guestAccess(vcpu: vcpu, GuestAccess(gpa: 2 * gpa, kind: .write([2])))
+        #expect(k.checkSystemInvariants().isEmpty)
+        let vm = try k.vmFD(vmFD)
+        let ino = try #require(k.gmemInodes.keys.first)
+        return (k, vm, ino, map.address >> 12)
+    }
+
+    static func agree(_ parent: Kernel, _ child: Kernel) -> (full: [Violation], shortcut: Bool, same: Bool) {
+        let full = child.checkSystemInvariants()
+        return (full, child.sameOutsidePages(as: parent), child.checkSystemInvariants(since: parent) == full)
+    }
+
+    @Test func aPTEChangeBehindASharedMemslotIsSeen() throws {
+        let (k, _, _, vpn) = try Self.world()
+        var child = k
+        let other = child.phys.allocate()
+        child.processes[1]!.mm.ptes[vpn]!.pfn = other  // the SPTE at 2 GiB is now stale
+        let r = Self.agree(k, child)
+        #expect(r.shortcut && r.same && r.full.contains { $0.invariant == .coherence })
+    }
+
+    @Test func aPageCacheChangeUnderAnSPTEIsSeen() throws {
+        let (k, _, ino, _) = try Self.world()
+        var child = k
+        let fresh = child.phys.allocate()
+        child.gmemInodes[ino]!.folios[0] = fresh  // the private SPTE at 1 GiB is now stale
+        let r = Self.agree(k, child)
+        #expect(r.shortcut && r.same && r.full.contains { $0.invariant == .coherence })
+    }
+
+    @Test func aNewPTEOnAPrivatePageIsSeen() throws {
+        let (k, _, ino, _) = try Self.world()
+        var child = k
+        let pfn = try #require(child.gmemInodes[ino]!.folios[0])
+        child.processes[1]!.mm.ptes[0x1234] = PTE(pfn: pfn, writable: true)
+        let r = Self.agree(k, child)
+        #expect(r.shortcut && r.same && r.full.contains { $0.invariant == .isolation })
+    }
+
+    @Test func aNewSPTEOfAnotherVMOnAPrivatePageIsSeen() throws {
+        var (k, _, ino, _) = try Self.world()
+        let otherFD = try k.createVM(type: VMType.swProtected.number)
+        let other = try k.vmFD(otherFD)
+        var child = k
+        let pfn = try #require(child.gmemInodes[ino]!.folios[0])
+        child.vms[other]!.spte[0x40000] = SPTE(pfn: pfn, isPrivate: true, writable: true)
+        let r = Self.agree(k, child)
+        #expect(r.shortcut && r.same && r.full.contains { $0.invariant == .isolation })
+    }
+
+    @Test func aPageCacheEntryNamingAnOlderFrameFallsBackToTheFullCheck() throws {
+        let (k, _, ino, vpn) = try Self.world()
+        var child = k
+        let shared = try #require(child.processes[1]!.mm.ptes[vpn]?.pfn)
+        child.gmemInodes[ino]!.folios[1] = shared  // a frame the host maps becomes a private page
+        let r = Self.agree(k, child)
+        #expect(r.shortcut && r.same && r.full.contains { $0.invariant == .isolation })
     }
 }

@@ -133,6 +133,10 @@ public struct Explorer {
     public var actors: [ExploreActor]
     /// Steps one schedule may take before it counts as a livelock.
     public var stepBound = 1_000
+    /// The state invariants of a state reached in one step from a parent that held
+    /// them all. The default looks only at what the step changed when it safely can
+    /// (`Kernel.checkSystemInvariants(since:)`); tests replace it to compare.
+    public var invariantCheck: (_ state: Kernel, _ parent: Kernel) -> [Violation] = { $0.checkSystemInvariants(since: $1) }
     /// Called every `progressEvery` steps with the summary so far (long runs).
     public var onProgress: ((ExploreSummary) -> Void)?
     public var progressEvery = 100_000
@@ -228,7 +232,7 @@ public struct Explorer {
                         continue
                     }
                 } else {
-                    let violations = q.world.kernel.checkSystemInvariants()
+                    let violations = invariantCheck(q.world.kernel, p.world.kernel)
                     if !violations.isEmpty {
                         summary.schedules += 1
                         summary.counterexample = shrink(Counterexample(schedule: Schedule(schedule), trace: trace, violations: violations, livelock: false))
@@ -298,6 +302,12 @@ public struct Explorer {
     func sample(count: Int, start: () -> Void, pick: ([Int], Int) -> Int) -> ExploreSummary {
         var summary = ExploreSummary()
         var seen: Set<Position> = []
+        // Every later check assumes its parent held every invariant: the start first.
+        let initialViolations = initial.kernel.checkSystemInvariants()
+        if !initialViolations.isEmpty {
+            summary.counterexample = Counterexample(schedule: Schedule([]), trace: [], violations: initialViolations, livelock: false)
+            return summary
+        }
         for _ in 0..<count {
             start()
             var p = Position(world: initial, pcs: actors.map { _ in 0 })
@@ -318,12 +328,14 @@ public struct Explorer {
                     return stop(Counterexample(schedule: Schedule(schedule), trace: trace, violations: [], livelock: true))
                 }
                 let a = pick(ready, schedule.count)
+                let parent = p.world.kernel
                 let (entry, broken) = step(&p, a)
                 trace.append(entry)
                 schedule.append(a)
                 let new = seen.insert(p).inserted
                 progress(&summary, states: seen.count)
-                let violations = broken + (new ? p.world.kernel.checkSystemInvariants() : [])
+                // The parent held every invariant: it was checked when first reached.
+                let violations = broken + (new ? invariantCheck(p.world.kernel, parent) : [])
                 if !violations.isEmpty {
                     summary.schedules += 1
                     return stop(shrink(Counterexample(schedule: Schedule(schedule), trace: trace, violations: violations, livelock: false)))

@@ -232,6 +232,7 @@ extension Kernel {
         }
         let pfn = phys.allocate()
         phys.zero(pfn)
+        phys[pfn].gmemOwner = GmemPageRef(inode: ino, pgoff: pgoff)
         gmemInodes[ino]!.folios[pgoff] = pfn
         gmemInodes[ino]!.state.set(pgoff..<pgoff + 1, to: .uptodate)
         return pfn
@@ -294,6 +295,7 @@ extension Kernel {
             guard gmemInodes[ino]!.state.value(at: pgoff) != .hole else { throw .ENOENT }
             // The frame fallocate allocated, not yet zeroed.
             pfn = phys.allocate()
+            phys[pfn].gmemOwner = GmemPageRef(inode: ino, pgoff: pgoff)
             gmemInodes[ino]!.folios[pgoff] = pfn
         }
         phys[pfn].hwpoison = true

@@ -48,6 +48,10 @@ struct Frame: Hashable {
     var pincount: Int32 = 0
     /// memory_failure() marked the frame poisoned.
     var hwpoison = false
+    /// The guest_memfd page this frame was allocated for (page->mapping and
+    /// page->index): a hint for reverse lookups, current only while that page
+    /// cache entry still names this frame.
+    var gmemOwner: GmemPageRef?
 
     /// The page's bytes; nil means all zero.
     var data: [UInt8]? {
@@ -74,6 +78,7 @@ struct Frame: Hashable {
         hasher.combine(mapcount)
         hasher.combine(pincount)
         hasher.combine(hwpoison)
+        hasher.combine(gmemOwner)
     }
 
     /// Whether the two frames hold the same bytes.
@@ -91,7 +96,9 @@ struct Frame: Hashable {
     /// - Complexity: O(1) when the bytes are shared or their digests differ; else
     ///   O(page size).
     static func == (a: Frame, b: Frame) -> Bool {
-        guard a.refcount == b.refcount, a.mapcount == b.mapcount, a.pincount == b.pincount, a.hwpoison == b.hwpoison else {
+        guard a.refcount == b.refcount, a.mapcount == b.mapcount, a.pincount == b.pincount, a.hwpoison == b.hwpoison,
+            a.gmemOwner == b.gmemOwner
+        else {
             return false
         }
         return a.sameBytes(as: b)

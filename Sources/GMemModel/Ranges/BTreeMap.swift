@@ -353,3 +353,52 @@ extension BTreeMap where Value: Hashable {
         return sum
     }
 }
+
+extension BTreeMap where Value: Equatable {
+    /// The keys whose entries differ between the two maps (added, removed or
+    /// changed), in order, skipping the subtrees a snapshot and its copy still share.
+    ///
+    /// - Complexity: O(log n x 64) for one changed entry when the two trees have the
+    ///   same shape above it; where a split or merge changed the shape, O(size of
+    ///   the subtree whose shape changed).
+    func changedKeys(from other: BTreeMap) -> [UInt64] {
+        var out: [UInt64] = []
+        Self.diff(root, other.root, &out)
+        return out
+    }
+
+    private static func diff(_ a: Node, _ b: Node, _ out: inout [UInt64]) {
+        if a === b { return }
+        if !a.isLeaf && !b.isLeaf && a.keys == b.keys {
+            // Same separators: child i covers the same keys in both.
+            for (x, y) in zip(a.children, b.children) { diff(x, y, &out) }
+            return
+        }
+        var ea: [(UInt64, Value)] = []
+        var eb: [(UInt64, Value)] = []
+        entries(a, &ea)
+        entries(b, &eb)
+        var i = 0, j = 0
+        while i < ea.count || j < eb.count {
+            if j == eb.count || (i < ea.count && ea[i].0 < eb[j].0) {
+                out.append(ea[i].0)
+                i += 1
+            } else if i == ea.count || eb[j].0 < ea[i].0 {
+                out.append(eb[j].0)
+                j += 1
+            } else {
+                if ea[i].1 != eb[j].1 { out.append(ea[i].0) }
+                i += 1
+                j += 1
+            }
+        }
+    }
+
+    private static func entries(_ node: Node, _ out: inout [(UInt64, Value)]) {
+        if node.isLeaf {
+            for (k, v) in zip(node.keys, node.values) { out.append((k, v)) }
+        } else {
+            for c in node.children { entries(c, &out) }
+        }
+    }
+}

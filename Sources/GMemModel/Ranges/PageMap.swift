@@ -65,6 +65,14 @@ struct PageMap<Value>: Sequence {
     }
 }
 
+extension PageMap where Value: Equatable {
+    /// The keys whose values differ from `other`'s (added, removed or changed), in
+    /// order; what a snapshot and its copy still share is not looked at.
+    ///
+    /// - Complexity: about O(changed keys x log n) (see `BTreeMap.changedKeys`).
+    func changedKeys(from other: PageMap) -> [UInt64] { tree.changedKeys(from: other.tree) }
+}
+
 extension PageMap: ExpressibleByDictionaryLiteral {
     init(dictionaryLiteral elements: (UInt64, Value)...) {
         for (k, v) in elements { self[k] = v }
