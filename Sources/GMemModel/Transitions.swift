@@ -20,18 +20,31 @@ extension Kernel {
     /// - no loss: a call that preserves contents leaves every guest_memfd page that
     ///   exists before and after with the same bytes, and drops no page with data.
     ///
-    /// - Complexity: O(faulted guest_memfd pages + pKVM pages).
+    /// - Complexity: O((changed frames + changed page-cache entries) x log n + pKVM
+    ///   pages) when shareability did not change; O(faulted guest_memfd pages) for an
+    ///   inode whose shareability did.
     public static func transitionViolations(before: Kernel, after: Kernel, effect: ContentEffect) -> [Violation] {
         var out: [Violation] = []
         func page(_ ino: UInt64, _ pgoff: UInt64) -> String { "guest_memfd inode \(ino) offset 0x\(String(pgoff << 12, radix: 16))" }
-        // Nothing about any page's bytes changed: only the page caches and the
-        // shareability can have (the explorer's common case, checked in O(1)).
-        let framesSame = before.phys.frames.isIdentical(to: after.phys.frames)
+        // The frames whose bytes or counts changed, by the page-cache entry they
+        // were allocated for: only those pages, and pages whose entry changed, can
+        // have lost or leaked anything (unless shareability changed).
+        var touched: [UInt64: Set<UInt64>] = [:]
+        for pfn in after.phys.frames.changedKeys(from: before.phys.frames) {
+            if let o = (after.phys.frames[pfn] ?? before.phys.frames[pfn])?.gmemOwner { touched[o.inode, default: []].insert(o.pgoff) }
+        }
         for (ino, new) in after.gmemInodes.sorted(by: { $0.key < $1.key }) {
             guard let old = before.gmemInodes[ino] else { continue }
-            if framesSame && old.folios.isIdentical(to: new.folios) && old.privatePages.isIdentical(to: new.privatePages) { continue }
+            let pgoffs: [UInt64]
+            if old.privatePages.isIdentical(to: new.privatePages) {
+                pgoffs = Set(new.folios.changedKeys(from: old.folios)).union(touched[ino] ?? []).sorted()
+            } else {
+                pgoffs = Set(new.folios.keys).union(old.folios.keys).sorted()
+            }
+            guard !pgoffs.isEmpty else { continue }
             let lossy = new.files.compactMap { after.gmemFiles[$0]?.vm ?? nil }.contains { after.vms[$0]?.type.conversionIsLossy == true }
-            for (pgoff, pfn) in new.folios {
+            for pgoff in pgoffs {
+                guard let pfn = new.folios[pgoff] else { continue }
                 let data = after.phys.frames[pfn]?.data
                 // No leak.
                 if new.inPlace, old.privatePages.value(at: pgoff), !new.privatePages.value(at: pgoff), lossy,
@@ -52,8 +65,8 @@ extension Kernel {
                 }
             }
             if effect == .preserving {
-                for (pgoff, oldPFN) in old.folios where new.folios[pgoff] == nil {
-                    if before.phys.frames[oldPFN]?.data?.contains(where: { $0 != 0 }) == true {
+                for pgoff in pgoffs where new.folios[pgoff] == nil {
+                    if let oldPFN = old.folios[pgoff], before.phys.frames[oldPFN]?.data?.contains(where: { $0 != 0 }) == true {
                         out.append(Violation(invariant: .noLoss, page: page(ino, pgoff),
                             parties: ["guest_memfd"], detail: "a call that preserves contents dropped a page holding data"))
                     }

@@ -6,9 +6,10 @@ extension Kernel {
     /// changed when that is safe.
     ///
     /// The shortcut applies when the step changed nothing but page-table entries
-    /// (SPTEs, PTEs), page-cache entries and frames: everything else (memslots,
-    /// attributes, shareability, files, VMAs, pins, IOMMUs, pKVM, sequence counts)
-    /// must be as in `parent`, or the whole check runs. Then a violation can only sit
+    /// (SPTEs, PTEs), page-cache entries, frames and what no invariant reads (a
+    /// page's allocation state, mmu_invalidate_seq): everything else (memslots,
+    /// attributes, shareability, files, VMAs, pins, IOMMUs, pKVM) must be as in
+    /// `parent`, or the whole check runs. Then a violation can only sit
     /// on a changed entry, or on an SPTE whose backing (a page-cache entry or a PTE)
     /// changed, or in the pins and IOMMU entries (checked whole: they are few). New
     /// page-cache entries must name frames allocated by this step, which nothing
@@ -88,15 +89,22 @@ extension Kernel {
     }
 
     /// Whether the two kernels differ at most in page-table entries, page-cache
-    /// entries and frames (and bookkeeping).
+    /// entries, frames, and state no invariant reads (a page's allocation state,
+    /// mmu_invalidate_seq, bookkeeping).
     ///
     /// - Complexity: O(objects), with O(1) for each range map a step left alone.
     func sameOutsidePages(as other: Kernel) -> Bool {
         func strip(_ k: Kernel) -> Kernel {
             var s = k
             s.phys = PhysicalMemory()
-            for id in s.vms.keys { s.vms[id]!.spte = PageMap() }
-            for ino in s.gmemInodes.keys { s.gmemInodes[ino]!.folios = PageMap() }
+            for id in s.vms.keys {
+                s.vms[id]!.spte = PageMap()
+                s.vms[id]!.mmuInvalidateSeq = 0
+            }
+            for ino in s.gmemInodes.keys {
+                s.gmemInodes[ino]!.folios = PageMap()
+                s.gmemInodes[ino]!.state = RangeMap(.hole)
+            }
             for pid in s.processes.keys { s.processes[pid]!.mm.ptes = PageMap() }
             return s
         }

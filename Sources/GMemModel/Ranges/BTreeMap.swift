@@ -363,15 +363,28 @@ extension BTreeMap where Value: Equatable {
     ///   the subtree whose shape changed).
     func changedKeys(from other: BTreeMap) -> [UInt64] {
         var out: [UInt64] = []
-        Self.diff(root, other.root, &out)
+        Self.diff(root, other.root, &out, firstOnly: false)
         return out
     }
 
-    private static func diff(_ a: Node, _ b: Node, _ out: inout [UInt64]) {
-        if a === b { return }
+    /// Whether the two maps hold the same entries: the same walk as `changedKeys`,
+    /// stopping at the first difference, so two states reached by different paths
+    /// from a common ancestor compare in about the time their differences take.
+    func sameEntries(as other: BTreeMap) -> Bool {
+        guard count == other.count else { return false }
+        var out: [UInt64] = []
+        Self.diff(root, other.root, &out, firstOnly: true)
+        return out.isEmpty
+    }
+
+    private static func diff(_ a: Node, _ b: Node, _ out: inout [UInt64], firstOnly: Bool) {
+        if a === b || (firstOnly && !out.isEmpty) { return }
         if !a.isLeaf && !b.isLeaf && a.keys == b.keys {
             // Same separators: child i covers the same keys in both.
-            for (x, y) in zip(a.children, b.children) { diff(x, y, &out) }
+            for (x, y) in zip(a.children, b.children) {
+                diff(x, y, &out, firstOnly: firstOnly)
+                if firstOnly && !out.isEmpty { return }
+            }
             return
         }
         var ea: [(UInt64, Value)] = []

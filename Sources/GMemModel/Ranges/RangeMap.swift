@@ -118,15 +118,12 @@ extension RangeMap {
 }
 
 extension RangeMap: Equatable {
+    /// The breakpoints are canonical (runs coalesce), so equal maps have equal
+    /// breakpoints.
+    ///
     /// - Complexity: O(1) when the two share their tree (a snapshot and its
-    ///   unmodified copy), else O(runs).
-    public static func == (lhs: RangeMap, rhs: RangeMap) -> Bool {
-        guard lhs.runCount == rhs.runCount else { return false }
-        if lhs.isIdentical(to: rhs) { return true }
-        return lhs.runs(in: 0..<UInt64.max).elementsEqual(rhs.runs(in: 0..<UInt64.max)) {
-            $0.range == $1.range && $0.value == $1.value
-        }
-    }
+    ///   unmodified copy); else about the size of the parts they do not share.
+    public static func == (lhs: RangeMap, rhs: RangeMap) -> Bool { lhs.tree.sameEntries(as: rhs.tree) }
 }
 
 extension RangeMap: Hashable where Value: Hashable {
