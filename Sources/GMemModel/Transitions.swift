@@ -23,20 +23,23 @@ extension Kernel {
     /// - Complexity: O((changed frames + changed page-cache entries) x log n + pKVM
     ///   pages) when shareability did not change; O(faulted guest_memfd pages) for an
     ///   inode whose shareability did.
-    public static func transitionViolations(before: Kernel, after: Kernel, effect: ContentEffect) -> [Violation] {
+    /// Below `diffAbove` frames, walking every page is cheaper than finding what
+    /// changed, and is what runs.
+    public static func transitionViolations(before: Kernel, after: Kernel, effect: ContentEffect, diffAbove: Int = 1024) -> [Violation] {
         var out: [Violation] = []
+        let diff = after.phys.frames.count > diffAbove
         func page(_ ino: UInt64, _ pgoff: UInt64) -> String { "guest_memfd inode \(ino) offset 0x\(String(pgoff << 12, radix: 16))" }
         // The frames whose bytes or counts changed, by the page-cache entry they
         // were allocated for: only those pages, and pages whose entry changed, can
         // have lost or leaked anything (unless shareability changed).
         var touched: [UInt64: Set<UInt64>] = [:]
-        for pfn in after.phys.frames.changedKeys(from: before.phys.frames) {
+        for pfn in diff ? after.phys.frames.changedKeys(from: before.phys.frames) : [] {
             if let o = (after.phys.frames[pfn] ?? before.phys.frames[pfn])?.gmemOwner { touched[o.inode, default: []].insert(o.pgoff) }
         }
         for (ino, new) in after.gmemInodes.sorted(by: { $0.key < $1.key }) {
             guard let old = before.gmemInodes[ino] else { continue }
             let pgoffs: [UInt64]
-            if old.privatePages.isIdentical(to: new.privatePages) {
+            if diff && old.privatePages.isIdentical(to: new.privatePages) {
                 pgoffs = Set(new.folios.changedKeys(from: old.folios)).union(touched[ino] ?? []).sorted()
             } else {
                 pgoffs = Set(new.folios.keys).union(old.folios.keys).sorted()

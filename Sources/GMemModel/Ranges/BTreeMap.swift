@@ -372,6 +372,9 @@ extension BTreeMap where Value: Equatable {
     /// from a common ancestor compare in about the time their differences take.
     func sameEntries(as other: BTreeMap) -> Bool {
         guard count == other.count else { return false }
+        if root === other.root { return true }
+        // Small maps (one leaf) compare directly.
+        if root.isLeaf && other.root.isLeaf { return root.keys == other.root.keys && root.values == other.root.values }
         var out: [UInt64] = []
         Self.diff(root, other.root, &out, firstOnly: true)
         return out.isEmpty
