@@ -170,14 +170,15 @@ struct Demo: ParsableCommand {
     func racePart() -> Bool {
         emit("")
         emit("== Step 3's race, every interleaving (the explorer)")
-        guard let scenario = try? ScenarioParser.parse(text: Self.race, file: "(the demo's race)") else { return false }
+        let race = TourScenarios.demoRace
+        guard let scenario = try? ScenarioParser.parse(text: race.text, file: race.file) else { return false }
         let t0 = monotonicSeconds()
         let shipped = ExploreRunner(scenario).explorer.exhaustive(preemptionBound: 2)
         var broken = ModelConfig.mainline
         broken.mutants = [.gupFastSkipRecheck]
         let mutant = ExploreRunner(scenario, config: broken).explorer.exhaustive(preemptionBound: 2)
         let ms = (monotonicSeconds() - t0) * 1000
-        emit("   the VMM pins the page with GUP-fast (walk, grab, recheck) while the guest converts it (check, flip):")
+        emit("   the host pins the page with GUP-fast (walk, grab, recheck) while the VMM converts it (check, flip):")
         emit("   \(shipped.schedules) schedules, \(shipped.states) states, every invariant after every step: \(shipped.counterexample == nil ? "no violation" : "VIOLATION")")
         emit("     the pin first: the conversion sees it and fails with EAGAIN; the conversion first: the recheck finds the PTE gone and lets go")
         guard let c = mutant.counterexample else {
@@ -190,22 +191,6 @@ struct Demo: ParsableCommand {
         emit("   (\(Int(ms)) ms for both; `gmem explore --mutants scenarios/explore/` runs all 18 deliberate bugs against 16 races)")
         return shipped.counterexample == nil
     }
-
-    /// scenarios/explore/gup-fast-vs-to-private.json, embedded so the default job
-    /// needs no files.
-    static let race = """
-        {"name": "GUP-fast racing an in-place to-private conversion",
-         "steps": [
-          {"op": "create_vm", "type": "sw_protected", "conversion": "in_place", "as": "vm"},
-          {"op": "create_guest_memfd", "vm": "vm", "size": "16K", "flags": ["mmap"], "as": "gmem"},
-          {"op": "mmap", "fd": "gmem", "len": "16K", "prot": ["read", "write"], "shared": true, "as": "map"},
-          {"op": "set_user_memory_region2", "vm": "vm", "slot": 0, "flags": ["guest_memfd"], "gpa": "1G", "size": "16K", "guest_memfd": "gmem"},
-          {"op": "convert", "fd": "gmem", "offset": 0, "size": "4K", "to": "shared"},
-          {"op": "host_write", "map": "map", "offset": 0, "bytes": "42"}],
-         "actors": [
-          {"name": "vmm-pin", "program": [{"op": "pin_user_pages_fast", "map": "map", "offset": 0}]},
-          {"name": "guest", "program": [{"op": "convert", "fd": "gmem", "offset": 0, "size": "4K", "to": "private"}]}]}
-        """
 
     /// The real kernel: the same guest program on a real vCPU, its doorbell reaching
     /// the same manager, which this kernel cannot let convert.

@@ -110,6 +110,8 @@ struct ScenarioTests {
             let text = try #require(readFile(path))
             #expect(generated.contains(text), "\(path) changed: run scripts/embed-tour.sh")
         }
+        let race = try #require(readFile(repositoryRoot + "/scenarios/explore/gup-fast-vs-to-private.json"))
+        #expect(generated.contains(race), "the demo's race changed: run scripts/embed-tour.sh")
     }
 
     static let numberCases: [(String, UInt64)] = [
