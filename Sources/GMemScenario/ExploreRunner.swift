@@ -113,14 +113,9 @@ public final class ExploreRunner {
                 return StepResult("recheck passed: pin \(id) stands", next: .step(done))
             },
             ExploreStep("\(what): slow path", blocked: { [runner] w, _ in
-                Self.wouldSleep(w) { w in
-                    Self.restore(runner, w)
-                    guard let m = try? runner.mapping(map) else { return false }
-                    var k = w.kernel
-                    k.resetWait()
-                    _ = try? k.pin(address: m.address + offset, length: UAPI.pageSize, longterm: false)
-                    return k.wouldWait
-                }
+                Self.restore(runner, w)
+                guard let m = try? runner.mapping(map) else { return false }
+                return w.kernel.waits { _ = try? $0.pin(address: m.address + offset, length: UAPI.pageSize, longterm: false) }
             }) { [runner] w, a in
                 Self.restore(runner, w)
                 guard let m = try? runner.mapping(map) else { return StepResult("no mapping '\(map)'") }
@@ -139,14 +134,13 @@ public final class ExploreRunner {
     /// backend saw across it.
     func atomic(_ s: Step) -> ExploreStep {
         ExploreStep(s.opName, effect: nil, blocked: { [backend, runner] w, _ in
-            Self.wouldSleep(w) { _ in
+            w.kernel.waits { k in
                 Self.restore(runner, w)
-                backend.kernel = w.kernel
-                backend.kernel.resetWait()
+                backend.kernel = k
                 _ = runner.run(s)
+                k = backend.kernel
                 _ = backend.takeTransitionViolations()
                 Self.restore(runner, w)
-                return backend.kernel.wouldWait
             }
         }) { [backend, runner] w, _ in
             Self.restore(runner, w)
@@ -159,17 +153,6 @@ public final class ExploreRunner {
         }
     }
 
-    /// Whether a step would sleep on a filemap_invalidate_lock that an operation the
-    /// explorer paused holds: `trial` runs the step on a copy of the kernel and says
-    /// whether it reached such a lock (a host fault on the file, a punch, a bind, a
-    /// conversion, memory failure...). In the kernel it would wait there and run when
-    /// the holder lets go; here the step is not runnable until then. Free when no
-    /// paused operation holds a lock.
-    static func wouldSleep(_ w: World, trial: (World) -> Bool) -> Bool {
-        guard w.kernel.somethingPaused else { return false }
-        return trial(w)
-    }
-
     /// A hypervisor-managed IOMMU map of guest_memfd pages in the two steps a
     /// conversion could run between if the map did not hold filemap_invalidate_lock:
     /// the ownership check, then the install. Other domains' maps run whole.
@@ -179,8 +162,8 @@ public final class ExploreRunner {
         return [
             ExploreStep("iommu_map: check shared", effect: nil, blocked: { [runner] w, _ in
                 Self.restore(runner, w)
-                guard let f = try? runner.fd(fd) else { return false }
-                return w.kernel.iommuMapWouldBlock(fd: f.raw)
+                guard let d = try? runner.domain(domain), let f = try? runner.fd(fd) else { return false }
+                return w.kernel.waits { _ = try? $0.beginIOMMUMap(domain: d.id, iova: iova, fd: f.raw, offset: offset, length: length) }
             }) { [runner] w, a in
                 Self.restore(runner, w)
                 guard let d = try? runner.domain(domain), w.kernel.iommuModel(ofDomain: d.id) == .hypervisor, let f = try? runner.fd(fd) else {
@@ -215,7 +198,7 @@ public final class ExploreRunner {
             ExploreStep("convert to private: unmap, refcount check", blocked: { [runner] w, _ in
                 Self.restore(runner, w)
                 guard let f = try? runner.fd(fd) else { return false }
-                return w.kernel.conversionWouldBlock(fd: f.raw)
+                return w.kernel.waits { _ = $0.beginToPrivate(f.raw, offset: offset, size: size) }
             }) { [runner] w, a in
                 Self.restore(runner, w)
                 guard let f = try? runner.fd(fd) else { return StepResult("no file '\(fd)'", next: .step(Int.max)) }
@@ -260,13 +243,8 @@ public final class ExploreRunner {
                 }
             },
             ExploreStep("close: kvm_gmem_release", blocked: { w, a in
-                Self.wouldSleep(w) { w in
-                    guard let p = w.releases[a] else { return false }
-                    var k = w.kernel
-                    k.resetWait()
-                    k.finishRelease(p)
-                    return k.wouldWait
-                }
+                guard let p = w.releases[a] else { return false }
+                return w.kernel.waits { $0.finishRelease(p) }
             }) { w, a in
                 guard let p = w.releases.removeValue(forKey: a) else { return StepResult("nothing to release") }
                 w.kernel.finishRelease(p)
@@ -288,14 +266,9 @@ public final class ExploreRunner {
         }
         return [
             ExploreStep("KVM_MR_DELETE: mark the memslot invalid", blocked: { [runner] w, _ in
-                Self.wouldSleep(w) { w in
-                    Self.restore(runner, w)
-                    guard let f = try? runner.fd(vm), let m = try? region(runner) else { return false }
-                    var k = w.kernel
-                    k.resetWait()
-                    _ = try? k.beginSetUserMemoryRegion2(vm: f.raw, m)
-                    return k.wouldWait
-                }
+                Self.restore(runner, w)
+                guard let f = try? runner.fd(vm), let m = try? region(runner) else { return false }
+                return w.kernel.waits { _ = try? $0.beginSetUserMemoryRegion2(vm: f.raw, m) }
             }) { [runner] w, a in
                 Self.restore(runner, w)
                 guard let f = try? runner.fd(vm), let m = try? region(runner) else { return StepResult("no VM '\(vm)'", next: .step(done)) }

@@ -120,12 +120,7 @@ struct ExplorerTests {
         #expect(k.hostAccess(address: map.address + 4096, count: 1, write: [1]) == .completed([]))
         let (pending, _) = k.beginToPrivate(gmem, offset: 0, size: 4096)
         let p = try #require(pending)
-        func sleeps(_ k: Kernel, _ body: (inout Kernel) -> Void) -> Bool {
-            var trial = k
-            trial.resetWait()
-            body(&trial)
-            return trial.wouldWait
-        }
+        func sleeps(_ k: Kernel, _ body: (inout Kernel) -> Void) -> Bool { k.waits(body) }
         #expect(sleeps(k) { _ = $0.hostAccess(address: map.address, count: 1, write: nil) }, "page 0 was unmapped: its fault waits")
         #expect(!sleeps(k) { _ = $0.hostAccess(address: map.address + 4096, count: 1, write: [2]) }, "page 1 is mapped writable: no fault")
         #expect(sleeps(k) { try? $0.fallocate(gmem, mode: UAPI.FALLOC_FL_PUNCH_HOLE | UAPI.FALLOC_FL_KEEP_SIZE, offset: 8192, length: 4096) },

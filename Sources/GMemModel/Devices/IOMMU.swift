@@ -111,7 +111,10 @@ extension Kernel {
         let first = iova >> UAPI.pageShift
         if (0..<UInt64(range.count)).contains(where: { iommuDomains[domain]!.entries[first + $0] != nil }) { throw .EEXIST }
         let locked = !config.mutants.contains(.iommuMapDropsInvalidateLock)
-        if locked { gmemInodes[ino]!.invalidateReaders += 1 }
+        if locked {
+            invalidateLock(ino, exclusive: false)
+            gmemInodes[ino]!.invalidateReaders += 1
+        }
         // fdget(): the file (and its inode) outlives the call, even if closed meanwhile.
         getFile(fileID)
         return PendingIOMMUMap(domain: domain, ino: ino, file: fileID, range: range, firstIOVAPage: first, locked: locked)

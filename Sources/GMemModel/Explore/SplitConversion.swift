@@ -51,26 +51,15 @@ extension Kernel {
             || vms.values.contains { $0.memslots.values.contains(where: \.invalid) }
     }
 
-    /// Starts a trial run: forget any earlier wait.
-    public mutating func resetWait() { wouldWait = false }
-
-    /// The guest_memfd inode behind `fd` in the current process, if it is one.
-    func gmemInode(ofFD fd: Int32) -> UInt64? {
-        guard let id = fds[fd], case .guestMemfd(let ino)? = files[id]?.kind else { return nil }
-        return ino
-    }
-
-    /// Whether a to-private conversion of `fd` would wait for filemap_invalidate_lock:
-    /// another conversion holds it, or a paused IOMMU map holds it shared.
-    public func conversionWouldBlock(fd: Int32) -> Bool {
-        guard let ino = gmemInode(ofFD: fd), let inode = gmemInodes[ino] else { return false }
-        return inode.invalidateLocked || inode.invalidateReaders > 0
-    }
-
-    /// Whether a hypervisor-managed IOMMU map of `fd` would wait: a conversion holds
-    /// filemap_invalidate_lock exclusively.
-    public func iommuMapWouldBlock(fd: Int32) -> Bool {
-        guard let ino = gmemInode(ofFD: fd) else { return false }
-        return gmemInodes[ino]?.invalidateLocked == true
+    /// Whether `call` would wait for an operation the explorer paused (a lock it
+    /// holds, a memslot it is deleting): runs it on a copy of the kernel and looks.
+    /// In the kernel the call would sleep there and go on when the holder lets go;
+    /// the explorer does not run it until then. Free when nothing is paused.
+    public func waits(_ call: (inout Kernel) -> Void) -> Bool {
+        guard somethingPaused else { return false }
+        var k = self
+        k.wouldWait = false
+        call(&k)
+        return k.wouldWait
     }
 }

@@ -63,11 +63,8 @@ extension ExploreStep {
             ExploreStep("\(where_): resolve", blocked: { w, _ in
                 // A fault on a memslot being deleted retries until the deletion is
                 // done; one through a guest_memfd mapping a conversion locked waits.
-                guard w.kernel.somethingPaused, let fd = vcpu(w) else { return false }
-                var k = w.kernel
-                k.resetWait()
-                _ = try? k.startFault(vcpu: fd, gpa: gpa, write: write)
-                return k.wouldWait
+                guard let fd = vcpu(w) else { return false }
+                return w.kernel.waits { _ = try? $0.startFault(vcpu: fd, gpa: gpa, write: write) }
             }) { w, a in
                 guard let fd = vcpu(w) else { return StepResult("no such vCPU", next: .step(after)) }
                 switch Result(catching: { () throws(Errno) in try w.kernel.startFault(vcpu: fd, gpa: gpa, write: write) }) {
