@@ -129,6 +129,34 @@ struct ExplorerTests {
         #expect(!sleeps(k) { _ = $0.hostAccess(address: map.address, count: 1, write: nil) }, "the lock is released")
     }
 
+    /// What else waits for a paused conversion's filemap_invalidate_lock (punch and
+    /// allocate, memory failure, binding and unbinding the file, its release), and
+    /// what waits for a paused memslot deletion's slots_lock (memslot updates,
+    /// attribute changes); each is a place the kernel takes the lock.
+    @Test func pausedOperationsMakeLockTakersWait() throws {
+        var k = Kernel()
+        let vmFD = try k.createVM(type: VMType.swProtected.number, conversion: .inPlace)
+        let gmem = try k.createGuestMemfd(on: vmFD, size: 8 * 4096, flags: UAPI.GUEST_MEMFD_FLAG_MMAP | UAPI.GUEST_MEMFD_FLAG_INIT_SHARED)
+        try k.fallocate(gmem, mode: UAPI.FALLOC_FL_KEEP_SIZE, offset: 0, length: 8 * 4096)
+        let slot = { (id: UInt32, gpa: UInt64, size: UInt64) in
+            UserMemoryRegion2(slot: id, flags: UAPI.KVM_MEM_GUEST_MEMFD, guestPhysAddr: gpa, memorySize: size, userspaceAddr: 0,
+                              guestMemfdOffset: gpa == Self.gpa ? 0 : 4 * 4096, guestMemfd: UInt32(gmem))
+        }
+        try k.setUserMemoryRegion2(vm: vmFD, slot(0, Self.gpa, 4 * 4096))
+        var converting = k
+        _ = try #require(converting.beginToPrivate(gmem, offset: 0, size: 4096).0)
+        #expect(converting.waits { try? $0.fallocate(gmem, mode: UAPI.FALLOC_FL_KEEP_SIZE, offset: 0, length: 4096) })
+        #expect(converting.waits { try? $0.memoryFailure(gmem, offset: 4096) })
+        #expect(converting.waits { try? $0.setUserMemoryRegion2(vm: vmFD, slot(1, 2 * Self.gpa, 4 * 4096)) }, "bind")
+        #expect(converting.waits { try? $0.setUserMemoryRegion2(vm: vmFD, slot(0, Self.gpa, 0)) }, "unbind")
+        #expect(!k.waits { try? $0.fallocate(gmem, mode: UAPI.FALLOC_FL_KEEP_SIZE, offset: 0, length: 4096) }, "nothing paused")
+
+        var deleting = k
+        _ = try #require(try deleting.beginSetUserMemoryRegion2(vm: vmFD, slot(0, Self.gpa, 0)))
+        #expect(deleting.waits { try? $0.setUserMemoryRegion2(vm: vmFD, slot(1, 2 * Self.gpa, 4 * 4096)) }, "slots_lock")
+        #expect(deleting.waits { _ = try? $0.setMemoryAttributes(vm: vmFD, address: 0, size: 4096, attributes: 0, flags: 0) }, "slots_lock")
+    }
+
     /// GUP-fast's grab is folio_try_get(): a folio freed since the walk is not pinned.
     @Test func gupFastDoesNotPinAFreedFolio() throws {
         var k = Kernel()

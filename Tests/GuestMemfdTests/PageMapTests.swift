@@ -34,6 +34,13 @@ struct PageMapTests {
             for (k, v) in reference.sorted(by: { $0.key > $1.key }) { rebuilt[k] = v }
             _ = m.hashValue
             #expect(rebuilt == m && rebuilt.hashValue == m.hashValue)
+            // What changed since the snapshot, as a diff of the two trees finds it.
+            let changed = Set(reference.keys).union(snapshotReference.keys).filter { reference[$0] != snapshotReference[$0] }
+            #expect(m.changedKeys(from: snapshot) == changed.sorted())
+            #expect((m == snapshot) == changed.isEmpty)
+            var other = m
+            other[999] = 7
+            #expect(other != m && other.changedKeys(from: m) == [999])
         }
     }
 }
