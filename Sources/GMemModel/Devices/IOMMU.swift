@@ -46,7 +46,7 @@ extension Kernel {
     mutating func iotlbInvalidate(pid: UInt32, _ vpns: Range<UInt64>) {
         guard !config.mutants.contains(.svaIgnoresNotifier) else { return }
         for id in iommuDomains.keys where iommuDomains[id]!.model == .sva && iommuDomains[id]!.pid == pid {
-            for vpn in presentKeys(of: iommuDomains[id]!.entries, in: vpns) {
+            for vpn in iommuDomains[id]!.entries.keys(in: vpns) {
                 iommuDomains[id]!.entries[vpn] = nil
                 counters.iommuEntriesZapped += 1
             }

@@ -76,7 +76,7 @@ extension Kernel {
         gmemInodes[p.ino]!.privatePages.set(p.range, to: p.toPrivate)
         counters.conversionsDone += 1
         if let vm = p.vm, vms[vm]!.type.conversionIsLossy, !config.mutants.contains(.lossyConversionWithoutZeroing) {
-            for pgoff in presentKeys(of: gmemInodes[p.ino]!.folios, in: p.range) { phys.zero(gmemInodes[p.ino]!.folios[pgoff]!) }
+            for pgoff in gmemInodes[p.ino]!.folios.keys(in: p.range) { phys.zero(gmemInodes[p.ino]!.folios[pgoff]!) }
         }
     }
 
@@ -103,7 +103,7 @@ extension Kernel {
     ///
     /// - Complexity: O(min(range, faulted pages)) plus a sort of the busy candidates.
     func firstPageInUse(_ ino: UInt64, _ range: Range<UInt64>) -> UInt64? {
-        presentKeys(of: gmemInodes[ino]!.folios, in: range).filter { pgoff in
+        gmemInodes[ino]!.folios.keys(in: range).filter { pgoff in
             let frame = phys[gmemInodes[ino]!.folios[pgoff]!]
             return frame.pincount > 0 || frame.mapcount > 0 || frame.refcount != 1
         }.min()

@@ -215,7 +215,7 @@ extension Kernel {
     /// drops the page cache's reference.
     mutating func truncateGmemPages(_ ino: UInt64, _ range: Range<UInt64>) {
         unmapMappingRange(.guestMemfd(ino), pgoffs: range)
-        for pgoff in presentKeys(of: gmemInodes[ino]!.folios, in: range) {
+        for pgoff in gmemInodes[ino]!.folios.keys(in: range) {
             let pfn = gmemInodes[ino]!.folios.removeValue(forKey: pgoff)!
             phys.put(pfn)
         }

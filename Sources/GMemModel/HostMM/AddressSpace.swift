@@ -132,7 +132,7 @@ extension Kernel {
     /// the secondary MMUs registered on that mm.
     mutating func zapPTEs(pid: UInt32, _ range: Range<UInt64>) {
         mmuNotifierInvalidate(pid: pid, range)
-        for vpn in presentKeys(of: processes[pid]!.mm.ptes, in: range) {
+        for vpn in processes[pid]!.mm.ptes.keys(in: range) {
             let pte = processes[pid]!.mm.ptes.removeValue(forKey: vpn)!
             phys[pte.pfn].mapcount -= 1
             phys.put(pte.pfn)
@@ -380,7 +380,7 @@ extension Kernel {
         }
         if !prot.contains(.write) {
             mmuNotifierInvalidate(pid: currentPID, range)
-            for vpn in presentKeys(of: mm.ptes, in: range) { mm.ptes[vpn]!.writable = false }
+            for vpn in mm.ptes.keys(in: range) { mm.ptes[vpn]!.writable = false }
         }
         for (r, vma) in runs {
             var v = vma

@@ -165,7 +165,7 @@ extension Kernel {
     mutating func zapGfns(vm: UInt64, _ gfns: Range<UInt64>, invalidation: Bool = true) {
         guard !gfns.isEmpty else { return }
         if invalidation { vms[vm]!.mmuInvalidateSeq += 1 }
-        for gfn in presentKeys(of: vms[vm]!.spte, in: gfns) {
+        for gfn in vms[vm]!.spte.keys(in: gfns) {
             vms[vm]!.spte[gfn] = nil
             counters.spteZapped += 1
         }

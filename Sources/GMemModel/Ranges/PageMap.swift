@@ -91,9 +91,3 @@ extension PageMap: Hashable where Value: Hashable {
         hasher.combine(tree.contentDigest)
     }
 }
-
-/// The keys of `table` in `range`, in order. Callers mutate the table afterwards;
-/// the keys are a copy, so the table is not held while they do.
-///
-/// - Complexity: O(log n + k).
-func presentKeys<V>(of table: PageMap<V>, in range: Range<UInt64>) -> [UInt64] { table.keys(in: range) }
