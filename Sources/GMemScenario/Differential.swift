@@ -13,6 +13,9 @@ public final class DifferentialRunner {
     /// the two systems are in different states and comparing them would mislead.
     private var desynchronized: String?
 
+    /// How the last step's two observations differed (each side described), or nil.
+    public private(set) var lastDivergence: (String, String)?
+
     public init(_ a: any Backend, _ b: any Backend) {
         first = ScenarioRunner(backend: a)
         second = ScenarioRunner(backend: b)
@@ -49,7 +52,9 @@ public final class DifferentialRunner {
             }
             return report
         }
+        lastDivergence = nil
         if let difference = Self.divergence(step, a.observation!, b.observation!) {
+            lastDivergence = difference
             report.status = .failed
             report.message = "divergence: \(first.backend.name) \(difference.0), \(second.backend.name) \(difference.1)"
             return report

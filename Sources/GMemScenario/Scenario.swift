@@ -150,6 +150,9 @@ public struct Step: Hashable, Sendable {
     /// The host process that issues the call (a name from `fork`); nil: the VMM.
     public var process: String?
     public var expect: Outcome
+    /// `"expect": "any"`: the step is run and its outcome shown, never judged (the
+    /// fuzzer's steps, and users asking what the kernel does).
+    public var observe: Bool = false
     public var expectValue: JSON?
     public var expectBytes: [UInt8]?
     public var expectExit: JSON?

@@ -30,6 +30,11 @@ public enum ScenarioParser {
         } catch {
             throw ScenarioError(file: file, message: "invalid JSON: \(error)")
         }
+        return try parse(json: json, file: file)
+    }
+
+    /// Reads a scenario already parsed as JSON (the fuzzer builds its sequences so).
+    public static func parse(json: JSON, file: String) throws(ScenarioError) -> Scenario {
         guard case .object(let top) = json else {
             throw ScenarioError(file: file, message: "expected a JSON object with \"name\" and \"steps\"")
         }
@@ -312,15 +317,17 @@ struct StepReader {
             throw fail("process", "exit_process needs \"process\": the forked process that exits (the VMM cannot)")
         }
         var expect = Outcome.ok
+        var observe = false
         if let e = try string("expect") {
             switch e {
+            case "any": observe = true
             case "ok": expect = .ok
             case "SIGBUS": expect = .sigbus
             case "SIGSEGV": expect = .sigsegv
             case "exit": expect = .exit
             default:
                 guard let errno = Errno(name: e) else {
-                    throw fail("expect", "expected \"ok\", \"SIGBUS\", \"SIGSEGV\", \"exit\" or an errno name (\(Errno.allNames.joined(separator: ", "))), got \"\(e)\"")
+                    throw fail("expect", "expected \"ok\", \"any\", \"SIGBUS\", \"SIGSEGV\", \"exit\" or an errno name (\(Errno.allNames.joined(separator: ", "))), got \"\(e)\"")
                 }
                 expect = .errno(errno)
             }
@@ -334,9 +341,12 @@ struct StepReader {
         }
         let comment = try string("comment")
         try finish()
+        if observe && (expectValue != nil || expectBytes != nil || expectExit != nil) {
+            throw fail("expect", "\"any\" observes without judging; it cannot stand with expect_value, expect_bytes or expect_exit")
+        }
         return Step(
-            index: index, opName: opName, op: parsed, name: name, process: process, expect: expect, expectValue: expectValue,
-            expectBytes: expectBytes, expectExit: expectExit, comment: comment)
+            index: index, opName: opName, op: parsed, name: name, process: process, expect: expect, observe: observe,
+            expectValue: expectValue, expectBytes: expectBytes, expectExit: expectExit, comment: comment)
     }
 
     mutating func readOp(_ name: String) throws(ScenarioError) -> Op {

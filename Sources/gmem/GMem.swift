@@ -13,7 +13,7 @@ struct GMem: ParsableCommand {
             With no subcommand, gmem runs the demo: a confidential VM's I/O life end to end,
             on the model and, where /dev/kvm opens, on the real kernel.
             """,
-        subcommands: [Demo.self, Tour.self, Run.self, Explore.self, Probe.self, Compare.self],
+        subcommands: [Demo.self, Tour.self, Run.self, Explore.self, Fuzz.self, Probe.self, Compare.self],
         defaultSubcommand: Demo.self)
 }
 
@@ -67,6 +67,22 @@ struct BackendOptions: ParsableArguments {
             let model = ModelBackend(config: modelConfigMatching(kernel), checkTransitions: true)
             let d = DifferentialRunner(model, kernel)
             return Executor(name: d.name) { d.run($0, report: $1) }
+        }
+    }
+
+    /// Fresh backends for one run: the model alone, the kernel alone, or the model
+    /// and the kernel (in that order) to be compared.
+    func makeBackends() throws -> [any Backend] {
+        var config = modelConfig.config
+        config.mutants = Set(mutants)
+        switch backend {
+        case .model: return [ModelBackend(config: config, checkTransitions: true)]
+        case .kernel: return [try kernelBackend()]
+        case .both:
+            let kernel = try kernelBackend()
+            var c = modelConfigMatching(kernel)
+            c.mutants = Set(mutants)
+            return [ModelBackend(config: c, checkTransitions: true), kernel]
         }
     }
 
