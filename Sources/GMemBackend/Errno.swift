@@ -56,3 +56,25 @@ public struct Errno: Error, Hashable, Sendable, CustomStringConvertible {
 
     public static var allNames: [String] { names.values.sorted() }
 }
+
+extension Errno {
+    /// Not a Linux errno: the model refused a step because it would exceed one of the
+    /// model's own limits (a result too large to hold, an allocation over its memory).
+    /// Backends turn it into `BackendError.unsupported` with the limit named.
+    public static let modelLimit = Errno(rawValue: 4095)
+}
+
+/// Bounds that keep every step's cost proportional to what it touches.
+public enum Limits {
+    /// MAX_RW_COUNT: read(2) and write(2) move at most INT_MAX & PAGE_MASK bytes a call.
+    public static let maxRWCount: UInt64 = 0x7fff_f000
+    /// The most bytes one step may return (a read, a host or guest access, a DMA)
+    /// unless raised (`--max-transfer`): larger results are refused, not attempted.
+    public static let defaultTransfer: UInt64 = 1 << 30
+
+    /// Why a transfer of `count` bytes is refused under `limit`, or nil.
+    public static func transferRefusal(_ count: UInt64, limit: UInt64, what: String) -> String? {
+        guard count > limit else { return nil }
+        return "\(what) of \(count) bytes is over the transfer limit of \(limit) bytes (--max-transfer raises it)"
+    }
+}

@@ -22,6 +22,9 @@ public struct ModelConfig: Hashable, Sendable {
     public var bindingOwnership: BindingOwnership = .fileHoldsVM
     /// GUEST_MEMFD_FLAG_NO_DIRECT_MAP is offered (not in 6.18: see `.next`).
     public var noDirectMap = false
+    /// The most bytes one step may return; larger results are refused (not a kernel
+    /// limit: the model's, so no input can exhaust memory).
+    public var transferLimit: UInt64 = Limits.defaultTransfer
 
     /// Mainline plus the in-flight series this model implements beyond it
     /// (NO_DIRECT_MAP).
@@ -104,6 +107,9 @@ public struct Kernel: Hashable {
     /// deleting (a vCPU's fault retries until the deletion is done). The explorer
     /// runs a step on a copy to learn this, and counts the step as blocked.
     @Bookkeeping public internal(set) var wouldWait = false
+    /// Why the last call was refused with `Errno.modelLimit`: the limit it would
+    /// exceed, named so the user can raise it.
+    @Bookkeeping var refusal: String? = nil
     public var stats: Stats {
         var s = counters
         s.pagesZeroed = phys.pagesZeroed
@@ -118,6 +124,17 @@ public struct Kernel: Hashable {
 
     public init(config: ModelConfig = .mainline) {
         self.config = config
+    }
+
+    /// Refuses the current call for exceeding a model limit; `why` names the limit.
+    mutating func refuse(_ why: String) -> Errno {
+        refusal = why
+        return .modelLimit
+    }
+
+    /// Refuses a transfer of `count` bytes over the transfer limit.
+    mutating func checkTransfer(_ count: UInt64, _ what: String) throws(Errno) {
+        if let why = Limits.transferRefusal(count, limit: config.transferLimit, what: what) { throw refuse(why) }
     }
 
     /// The current process's fd table.
@@ -195,17 +212,27 @@ public struct Kernel: Hashable {
     func vmFD(_ fd: Int32) throws(Errno) -> UInt64 {
         let (_, f) = try file(fd)
         switch f.kind {
-        case .vm(let id): return id
+        case .vm(let id):
+            // kvm_vm_ioctl(): only the creator's mm may drive the VM, before any argument check.
+            if vms[id]?.mmPID != currentPID { throw .EIO }
+            return id
         case .kvmDevice, .vcpu: throw .EINVAL  // kvm_dev_ioctl / kvm_vcpu_ioctl default
         case .guestMemfd, .memfd: throw .ENOTTY  // no unlocked_ioctl
         }
     }
 
+    /// The vCPU behind a vCPU fd. A vCPU ioctl on a VM fd reaches kvm_arch_vm_ioctl()'s
+    /// default (ENOTTY); on /dev/kvm, kvm_arch_dev_ioctl()'s (EINVAL).
     func vcpuFD(_ fd: Int32) throws(Errno) -> (vm: UInt64, id: UInt32) {
         let (_, f) = try file(fd)
         switch f.kind {
-        case .vcpu(let vm, let id): return (vm, id)
-        case .kvmDevice, .vm: throw .EINVAL
+        case .vcpu(let vm, let id):
+            if vms[vm]?.mmPID != currentPID { throw .EIO }  // kvm_vcpu_ioctl()
+            return (vm, id)
+        case .vm(let id):
+            if vms[id]?.mmPID != currentPID { throw .EIO }
+            throw .ENOTTY
+        case .kvmDevice: throw .EINVAL
         case .guestMemfd, .memfd: throw .ENOTTY
         }
     }

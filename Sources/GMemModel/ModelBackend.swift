@@ -52,6 +52,10 @@ public final class ModelBackend: Backend {
             do throws(Errno) {
                 return try body(&kernel)
             } catch {
+                if error == .modelLimit {
+                    defer { kernel.refusal = nil }
+                    throw .unsupported(kernel.refusal ?? "over a model limit")
+                }
                 throw .errno(error)
             }
         }
@@ -120,7 +124,8 @@ public final class ModelBackend: Backend {
         try run(.writes) { k in k.hostAccess(address: address, count: UInt64(bytes.count), write: bytes) }
     }
     public func hostRead(address: UInt64, count: UInt64) throws(BackendError) -> HostAccess {
-        try run { k in k.hostAccess(address: address, count: count, write: nil) }
+        if let why = Limits.transferRefusal(count, limit: kernel.config.transferLimit, what: "a host read") { throw .unsupported(why) }
+        return try run { k in k.hostAccess(address: address, count: count, write: nil) }
     }
     public func setUserMemoryRegion2(vm: FD, _ region: UserMemoryRegion2) throws(BackendError) {
         try run { k throws(Errno) in try k.setUserMemoryRegion2(vm: vm.raw, region) }
@@ -139,6 +144,9 @@ public final class ModelBackend: Backend {
         if access.isPrivate != nil, kernel.vmType(ofVCPU: vcpu.raw)?.accessCarriesPrivate != true {
             // default and sw_protected VMs take private/shared from the attributes.
             throw .unsupported("this platform decides private/shared from memory attributes; `private` needs a platform with a shared-GPA bit (snp, tdx)")
+        }
+        if case .read(let n) = access.kind, let why = Limits.transferRefusal(n, limit: kernel.config.transferLimit, what: "a guest read") {
+            throw .unsupported(why)
         }
         let effect: ContentEffect = if case .write = access.kind { .writes } else { .preserving }
         return try run(effect) { k throws(Errno) in try k.guestAccess(vcpu: vcpu.raw, access) }

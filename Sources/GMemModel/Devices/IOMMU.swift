@@ -62,7 +62,10 @@ extension Kernel {
         }
         let first = iova >> UAPI.pageShift
         let pages = length >> UAPI.pageShift
-        if (first..<first + pages).contains(where: { iommuDomains[domain]!.entries[$0] != nil }) { throw .EEXIST }
+        if pages > Self.maxIOMMUMapPages {
+            throw refuse("an IOMMU mapping of \(pages) pages is over the model's limit of \(Self.maxIOMMUMapPages) pages a call")
+        }
+        if !iommuDomains[domain]!.entries.keys(in: first..<first + pages).isEmpty { throw .EEXIST }
         for i in 0..<pages {
             iommuDomains[domain]!.entries[first + i] = IOMMUEntry(pfn: 0, gfn: (gpa >> UAPI.pageShift) + i)
         }
@@ -76,7 +79,7 @@ extension Kernel {
         if iova & (UAPI.pageSize - 1) != 0 || length & (UAPI.pageSize - 1) != 0 || length == 0 { throw .EINVAL }
         let first = iova >> UAPI.pageShift
         let pages = length >> UAPI.pageShift
-        if (first..<first + pages).contains(where: { iommuDomains[domain]!.entries[$0] != nil }) { throw .EEXIST }
+        if !iommuDomains[domain]!.entries.keys(in: first..<first + pages).isEmpty { throw .EEXIST }
         let pin = try self.pin(address: address, length: length, longterm: true)
         for (i, pfn) in pins[pin]!.pfns.enumerated() {
             iommuDomains[domain]!.entries[first + UInt64(i)] = IOMMUEntry(pfn: pfn, pin: pin)
@@ -109,7 +112,7 @@ extension Kernel {
             throw .EPERM
         }
         let first = iova >> UAPI.pageShift
-        if (0..<UInt64(range.count)).contains(where: { iommuDomains[domain]!.entries[first + $0] != nil }) { throw .EEXIST }
+        if !iommuDomains[domain]!.entries.keys(in: first..<first + UInt64(range.count)).isEmpty { throw .EEXIST }
         let locked = !config.mutants.contains(.iommuMapDropsInvalidateLock)
         if locked {
             invalidateLock(ino, exclusive: false)
@@ -140,26 +143,40 @@ extension Kernel {
         guard iommuDomains[domain] != nil else { throw .EINVAL }
         if iova & (UAPI.pageSize - 1) != 0 || length & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
         let first = iova >> UAPI.pageShift
+        let (last, overflow) = first.addingReportingOverflow(length >> UAPI.pageShift)
+        if overflow { throw .EINVAL }
+        let entries = iommuDomains[domain]!.entries
+        if iommuDomains[domain]!.model == .vfio {
+            // VFIO type1 v2 refuses an unmap that would split a mapping: its range must
+            // start and end on mapping boundaries (a mapping is one MAP_DMA, one pin).
+            func samePin(_ a: UInt64, _ b: UInt64) -> Bool {
+                guard let x = entries[a]?.pin, let y = entries[b]?.pin else { return false }
+                return x == y
+            }
+            if first > 0 && samePin(first - 1, first) { throw .EINVAL }
+            if last > first && last < UInt64.max && samePin(last - 1, last) { throw .EINVAL }
+        }
+        // The entries present, not every page of the range: the cost is what is mapped.
         var unpinned: Set<UInt64> = []
-        for page in first..<first + (length >> UAPI.pageShift) {
+        for page in entries.keys(in: first..<last) {
             guard let e = iommuDomains[domain]!.entries.removeValue(forKey: page) else { continue }
             counters.iommuEntriesZapped += 1
             if let p = e.pin, unpinned.insert(p).inserted {
-                // VFIO unpins what it pinned for this mapping.
+                // VFIO unpins what it pinned for this mapping: the whole mapping is in range.
                 try? unpin(p)
             }
         }
-        // Entries of a partly unmapped pin lose their pin bookkeeping.
-        for (page, e) in iommuDomains[domain]!.entries where e.pin.map(unpinned.contains) == true {
-            iommuDomains[domain]!.entries[page]!.pin = nil
-        }
     }
+
+    /// The most pages one nested IOMMU map may create (a model bound: each is an entry).
+    static let maxIOMMUMapPages: UInt64 = 1 << 24
 
     /// A device's DMA through its IOMMU: EFAULT (an IOMMU fault) where nothing is
     /// mapped; else the bytes of the frames mapped.
     public mutating func dma(domain: UInt64, iova: UInt64, write bytes: [UInt8]?, count: UInt64) throws(Errno) -> [UInt8] {
         guard iommuDomains[domain] != nil else { throw .EINVAL }
         if iova.addingReportingOverflow(count).overflow { throw .EFAULT }
+        try checkTransfer(count, bytes == nil ? "a DMA read" : "a DMA write")
         var out: [UInt8] = []
         for c in PageChunks(start: iova, count: count) {
             if iommuDomains[domain]!.model == .sva && iommuDomains[domain]!.entries[c.page] == nil {

@@ -111,6 +111,15 @@ extension Kernel {
 
     // MARK: GUP pins
 
+    /// The most pages one pin_user_pages() call may fault in (a model bound).
+    static let maxGUPPages: UInt64 = 1 << 20
+
+    /// The virtual pages that [start, end) touches, for a non-empty range (no overflow
+    /// at the top of the address space).
+    static func pages(from start: UInt64, to end: UInt64) -> Range<UInt64> {
+        (start >> UAPI.pageShift)..<(((end - 1) >> UAPI.pageShift) + 1)
+    }
+
     /// pin_user_pages(FOLL_WRITE [| FOLL_LONGTERM]) on [address, address + length):
     /// faults each page in for write and takes a reference and a pin on it. Pages the
     /// host cannot fault (private guest_memfd, holes past EOF) make the whole call
@@ -118,8 +127,12 @@ extension Kernel {
     public mutating func pin(address: UInt64, length: UInt64, longterm: Bool) throws(Errno) -> UInt64 {
         let (end, overflow) = address.addingReportingOverflow(length)
         if length == 0 || overflow || address & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
+        let vpns = Self.pages(from: address, to: end)
+        if UInt64(vpns.count) > Self.maxGUPPages {
+            throw refuse("pinning \(vpns.count) pages is over the model's limit of \(Self.maxGUPPages) pages a call (each is faulted in)")
+        }
         var pfns: [UInt64] = []
-        for vpn in (address >> UAPI.pageShift)..<((end + UAPI.pageSize - 1) >> UAPI.pageShift) {
+        for vpn in vpns {
             if isOutsideDirectMap(vpn) {
                 for pfn in pfns { unpinFrame(pfn) }
                 throw .EFAULT
@@ -148,7 +161,8 @@ extension Kernel {
         let (end, overflow) = address.addingReportingOverflow(length)
         if length == 0 || overflow || address & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
         var pfns: [UInt64] = []
-        for vpn in (address >> UAPI.pageShift)..<((end + UAPI.pageSize - 1) >> UAPI.pageShift) {
+        // GUP-fast stops at the first page not present, so the walk costs what is mapped.
+        for vpn in Self.pages(from: address, to: end) {
             guard let walked = gupFastWalk(address: vpn << UAPI.pageShift, write: false) else {
                 for pfn in pfns { phys.put(pfn) }
                 throw .EFAULT

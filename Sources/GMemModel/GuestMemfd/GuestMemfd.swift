@@ -314,7 +314,7 @@ extension Kernel {
             return FileStat(size: gmemInodes[ino]!.size, blksize: UAPI.pageSize, blocks: 0, inode: ino)
         case .memfd(let ino):
             let s = shmemInodes[ino]!
-            return FileStat(size: s.size, blksize: UAPI.pageSize, blocks: UInt64(s.pages.count) * 8, inode: ino)
+            return FileStat(size: s.size, blksize: UAPI.pageSize, blocks: s.allocatedPages * 8, inode: ino)
         case .kvmDevice, .vm, .vcpu:
             return FileStat(size: 0, blksize: UAPI.pageSize, blocks: 0, inode: id)
         }
@@ -324,7 +324,8 @@ extension Kernel {
     public mutating func read(_ fd: Int32, count: UInt64) throws(Errno) -> [UInt8] {
         let (id, f) = try file(fd)
         guard case .memfd(let ino) = f.kind else { throw .EINVAL }
-        let bytes = shmemRead(ino, offset: f.position, count: count)
+        try rwVerifyArea(count: count, pos: f.position)
+        let bytes = try shmemRead(ino, offset: f.position, count: count)
         files[id]!.position += UInt64(bytes.count)
         return bytes
     }
@@ -333,24 +334,36 @@ extension Kernel {
     public mutating func write(_ fd: Int32, _ bytes: [UInt8]) throws(Errno) -> UInt64 {
         let (id, f) = try file(fd)
         guard case .memfd(let ino) = f.kind else { throw .EINVAL }
+        try rwVerifyArea(count: UInt64(bytes.count), pos: f.position)
         try shmemWrite(ino, offset: f.position, bytes)
         files[id]!.position += UInt64(bytes.count)
         return UInt64(bytes.count)
     }
 
     /// pread(2): files without FMODE_PREAD are ESPIPE.
-    public func pread(_ fd: Int32, count: UInt64, offset: UInt64) throws(Errno) -> [UInt8] {
+    public mutating func pread(_ fd: Int32, count: UInt64, offset: UInt64) throws(Errno) -> [UInt8] {
+        // ksys_pread64() refuses a negative offset before it looks the fd up.
+        if Int64(bitPattern: offset) < 0 { throw .EINVAL }
         let (_, f) = try file(fd)
         guard case .memfd(let ino) = f.kind else { throw .ESPIPE }
-        if Int64(bitPattern: offset) < 0 { throw .EINVAL }
-        return shmemRead(ino, offset: offset, count: count)
+        try rwVerifyArea(count: count, pos: offset)
+        return try shmemRead(ino, offset: offset, count: count)
+    }
+
+    /// vfs_read()/vfs_write() before the transfer: access_ok() on the caller's buffer
+    /// (no buffer of more than TASK_SIZE bytes exists: EFAULT), then rw_verify_area()
+    /// (a count negative as ssize_t, or pos + count past LLONG_MAX: EINVAL).
+    func rwVerifyArea(count: UInt64, pos: UInt64) throws(Errno) {
+        if count > UAPI.TASK_SIZE_MAX { throw .EFAULT }
+        if Int64(bitPattern: pos &+ count) < 0 { throw .EINVAL }
     }
 
     /// pwrite(2).
     public mutating func pwrite(_ fd: Int32, _ bytes: [UInt8], offset: UInt64) throws(Errno) -> UInt64 {
+        if Int64(bitPattern: offset) < 0 { throw .EINVAL }
         let (_, f) = try file(fd)
         guard case .memfd(let ino) = f.kind else { throw .ESPIPE }
-        if Int64(bitPattern: offset) < 0 { throw .EINVAL }
+        try rwVerifyArea(count: UInt64(bytes.count), pos: offset)
         try shmemWrite(ino, offset: offset, bytes)
         return UInt64(bytes.count)
     }

@@ -1,12 +1,30 @@
 import GMemBackend
 
 /// A shmem inode behind memfd_create(2): ordinary shared memory with read/write.
+///
+/// Pages that hold bytes have a frame in `pages`; `allocated` marks every page that
+/// counts as allocated (faulted, written or fallocated), so fallocate, punch and
+/// truncate cost the runs and frames they touch, never the size of their range.
 struct ShmemInode: Hashable {
     var size: UInt64
     var pages: [UInt64: UInt64] = [:]
+    /// Pages allocated (with or without a frame yet): the inode's i_blocks.
+    var allocated = RangeMap(false)
     var refs = 1
     /// secretmem: not in the kernel's direct map, so GUP refuses it (EFAULT).
     var secret = false
+
+    /// Allocated pages (st_blocks / 8).
+    ///
+    /// - Complexity: O(runs of `allocated`).
+    var allocatedPages: UInt64 {
+        var n: UInt64 = 0
+        allocated.forEachRun(in: 0..<UInt64.max) { r, v in
+            if v { n += UInt64(r.count) }
+            return true
+        }
+        return n
+    }
 }
 
 extension Kernel {
@@ -29,13 +47,16 @@ extension Kernel {
         if let pfn = shmemInodes[ino]!.pages[pgoff] { return pfn }
         let pfn = phys.allocate()
         shmemInodes[ino]!.pages[pgoff] = pfn
+        shmemInodes[ino]!.allocated.set(pgoff..<pgoff + 1, to: true)
         return pfn
     }
 
-    func shmemRead(_ ino: UInt64, offset: UInt64, count: UInt64) -> [UInt8] {
+    /// shmem_file_read_iter(): up to EOF, at most MAX_RW_COUNT bytes.
+    mutating func shmemRead(_ ino: UInt64, offset: UInt64, count: UInt64) throws(Errno) -> [UInt8] {
         let inode = shmemInodes[ino]!
         guard offset < inode.size else { return [] }
-        let end = offset + min(count, inode.size - offset)
+        let end = offset + min(count, Limits.maxRWCount, inode.size - offset)
+        try checkTransfer(end - offset, "a read")
         var out: [UInt8] = []
         out.reserveCapacity(Int(end - offset))
         for c in PageChunks(start: offset, count: end - offset) {
@@ -66,9 +87,11 @@ extension Kernel {
             shmemZeroRange(ino, offset: offset, end: min(end, shmemInodes[ino]!.size))
             return
         }
+        // shmem_fallocate() allocates every page now; the model marks the range and
+        // gives a page its frame when it is first touched (its bytes are zero until then).
         let first = offset >> UAPI.pageShift
         let last = (end + UAPI.pageSize - 1) >> UAPI.pageShift
-        for pgoff in first..<last { _ = shmemGetPage(ino, pgoff: pgoff) }
+        shmemInodes[ino]!.allocated.set(first..<last, to: true)
         if mode & UAPI.FALLOC_FL_KEEP_SIZE == 0 && end > shmemInodes[ino]!.size {
             shmemInodes[ino]!.size = end
         }
@@ -80,10 +103,15 @@ extension Kernel {
         let firstWhole = (offset + UAPI.pageSize - 1) >> UAPI.pageShift
         let lastWhole = end >> UAPI.pageShift
         if firstWhole < lastWhole {
-            unmapMappingRange(.shmem(ino), pgoffs: firstWhole..<lastWhole)
-            for pgoff in firstWhole..<lastWhole {
+            let whole = firstWhole..<lastWhole
+            unmapMappingRange(.shmem(ino), pgoffs: whole)
+            // Visit the frames in the range, or the range, whichever is smaller.
+            let victims = UInt64(shmemInodes[ino]!.pages.count) < UInt64(whole.count)
+                ? shmemInodes[ino]!.pages.keys.filter { whole.contains($0) } : Array(whole)
+            for pgoff in victims {
                 if let pfn = shmemInodes[ino]!.pages.removeValue(forKey: pgoff) { phys.put(pfn) }
             }
+            shmemInodes[ino]!.allocated.set(whole, to: false)
         }
         // Partial pages at either end keep their frame and lose the bytes in range.
         for (from, to) in [(offset, min(end, firstWhole << UAPI.pageShift)), (max(offset, lastWhole << UAPI.pageShift), end)]
@@ -95,10 +123,13 @@ extension Kernel {
         }
     }
 
+    /// shmem_setattr() to a new size: any size up to the old one (the same size too)
+    /// truncates everything past the new EOF, pages fallocated with KEEP_SIZE beyond
+    /// the old one included; growing keeps them.
     mutating func shmemTruncate(_ ino: UInt64, size: UInt64) {
-        let old = shmemInodes[ino]!.size
-        if size < old {
-            shmemZeroRange(ino, offset: size, end: (old + UAPI.pageSize - 1) & ~(UAPI.pageSize - 1))
+        if size <= shmemInodes[ino]!.size {
+            let end = UInt64.max & ~(UAPI.pageSize - 1)
+            shmemZeroRange(ino, offset: size, end: end)
         }
         shmemInodes[ino]!.size = size
     }

@@ -117,7 +117,9 @@ extension Kernel {
         if let fd {
             let (_, f) = try file(fd)
             switch f.kind {
-            case .vm(let id): vm = vms[id]
+            case .vm(let id):
+                if vms[id]?.mmPID != currentPID { throw .EIO }
+                vm = vms[id]
             case .kvmDevice: vm = nil
             case .vcpu: throw .EINVAL
             case .guestMemfd, .memfd: throw .ENOTTY

@@ -20,6 +20,20 @@ public struct FuzzFinding: Hashable, Sendable {
     /// The sequence that shows it: after minimization, the shortest found.
     public var steps: [JSON]
 
+    /// Why this is what the kernel does rather than a model bug, when it is one of
+    /// the documented hazards (docs/fuzzing.md), else nil.
+    public var known: String? {
+        FuzzFinding.knownHazards.first { first.contains($0.match) }?.why
+    }
+
+    /// Findings that are the kernel's own behaviour, which the model reproduces on
+    /// purpose and the invariants flag as the hazard it is.
+    public static let knownHazards: [(match: String, why: String)] = [
+        ("the CPU maps a different page than the pin holds",
+         "punching (or truncating) a pinned shmem page drops it from the page cache while the pin keeps the old page: "
+             + "the CPU faults a new page and the pin holder sees the old one (why QEMU's RamDiscardManager tells VFIO first)"),
+    ]
+
     /// The reproducer as a scenario file: every step observed (`"expect": "any"`) but
     /// the one that shows the finding, which expects what the second backend (the
     /// kernel) answered, with both answers in its comment.
