@@ -22,8 +22,21 @@ public final class KernelBackend: Backend {
     /// Memslot ids in use per VM fd (successful region calls), to pick a free one
     /// for the harness.
     private var slotsInUse: [Int32: Set<UInt32>] = [:]
+    /// Bytes spanned by each VM's memslots (by slot), bounding what pre-faults map.
+    private var slotSizes: [Int32: [UInt32: UInt64]] = [:]
+    private var slotBytes: [Int32: UInt64] {
+        slotSizes.mapValues { $0.values.reduce(0, &+) }
+    }
     /// Per-access time limit for a guest that never exits.
     public var guestTimeoutMS: UInt32 = 2000
+    /// What this backend lets the kernel allocate (see `MemoryBudget`).
+    public var budget = MemoryBudget(limit: MemoryBudget.defaultLimit)
+    /// The most bytes one step may return (`Limits.defaultTransfer`; `--max-transfer`).
+    public var transferLimit = Limits.defaultTransfer
+    /// Mappings made for the scenario, unmapped when the backend goes.
+    private var ledger = MappingLedger()
+    /// guest_memfds and memfds this backend made, for charging fallocate precisely.
+    private var fileKinds: [Int32: Bool] = [:]  // true: guest_memfd
 
     final class VCPU {
         let fd: Int32
@@ -74,7 +87,10 @@ public final class KernelBackend: Backend {
         runSize = Int(try check(ckvm_ioctl_val(kvm, CKVM_GET_VCPU_MMAP_SIZE, 0)))
     }
 
+    /// Releases everything the run made: the scenario's mappings, vCPUs and their
+    /// harnesses, and every descriptor, so a long run holds one scenario's memory at most.
     deinit {
+        ledger.releaseAll()
         vcpus.removeAll()
         harnessByVM.removeAll()
         for fd in handedOut { _ = ckvm_close(fd) }
@@ -161,7 +177,9 @@ public final class KernelBackend: Backend {
         var args = ckvm_create_guest_memfd()
         args.size = size
         args.flags = flags
-        return try adopt(ckvm_ioctl_ptr(fd.map(real) ?? kvm, CKVM_CREATE_GUEST_MEMFD, &args))
+        let gmem = try adopt(ckvm_ioctl_ptr(fd.map(real) ?? kvm, CKVM_CREATE_GUEST_MEMFD, &args))
+        fileKinds[gmem.raw] = true
+        return gmem
     }
 
     /// The running kernel has upstream's ownership; the alternative is model-only.
@@ -172,7 +190,11 @@ public final class KernelBackend: Backend {
     }
 
     public func memfdCreate(size: UInt64, secret: Bool) throws(BackendError) -> FD {
-        guard secret else { return try adopt(ckvm_memfd_create("gmem-scenario", size)) }
+        guard secret else {
+            let fd = try adopt(ckvm_memfd_create("gmem-scenario", size))
+            fileKinds[fd.raw] = false
+            return fd
+        }
         let fd = ckvm_memfd_secret(size)
         if fd == -Errno.ENOSYS.rawValue { throw .unsupported("memfd_secret(2) is not enabled on this kernel") }
         return try adopt(fd)
@@ -182,6 +204,7 @@ public final class KernelBackend: Backend {
         let r = real(fd)
         try check(ckvm_close(r))
         handedOut.remove(r)
+        fileKinds[r] = nil
         vcpus[r] = nil
         // The fd number may be reused by another VM; the harness lives on in its vCPUs.
         harnessByVM[r] = nil
@@ -196,17 +219,43 @@ public final class KernelBackend: Backend {
     }
 
     public func read(_ fd: FD, count: UInt64) throws(BackendError) -> [UInt8] {
-        try readInto(count) { buf throws(BackendError) in try check(ckvm_read(real(fd), buf, count)) }
+        try readInto(count, fd: fd, pos: nil) { buf throws(BackendError) in try check(ckvm_read(real(fd), buf, count)) }
     }
 
     public func pread(_ fd: FD, count: UInt64, offset: UInt64) throws(BackendError) -> [UInt8] {
-        try readInto(count) { buf throws(BackendError) in try check(ckvm_pread(real(fd), buf, count, offset)) }
+        try readInto(count, fd: fd, pos: offset) { buf throws(BackendError) in try check(ckvm_pread(real(fd), buf, count, offset)) }
     }
 
-    private func readInto(_ count: UInt64, _ body: (UnsafeMutableRawPointer) throws(BackendError) -> Int64)
+    /// Runs a read into a buffer of `count` bytes, as a VMM's would be. A count over
+    /// the transfer limit gets a reserved (MAP_NORESERVE) buffer of that size, so the
+    /// kernel's access_ok() sees what it would see, after checking that the bytes the
+    /// read can return (to EOF of a memfd, MAX_RW_COUNT at most) are within the limit;
+    /// a count no buffer can have (over TASK_SIZE) gets one page, and the kernel's
+    /// EFAULT, or whatever it checks first.
+    private func readInto(_ count: UInt64, fd: FD, pos: UInt64?, _ body: (UnsafeMutableRawPointer) throws(BackendError) -> Int64)
         throws(BackendError) -> [UInt8]
     {
-        guard count <= 1 << 30 else { throw .unsupported("reads over 1 GiB are not buffered by the kernel backend") }
+        guard count > transferLimit else { return try readSmall(count, body) }
+        var most: UInt64 = 0
+        if fileKinds[real(fd)] == false {
+            var st = ckvm_stat()
+            let at = pos ?? UInt64(max(ckvm_lseek(real(fd), 0, SEEK_CUR), 0))
+            if ckvm_fstat(real(fd), &st) == 0, st.size > at { most = min(st.size - at, Limits.maxRWCount, count) }
+        }
+        if let why = Limits.transferRefusal(most, limit: transferLimit, what: "a read") { throw .unsupported(why) }
+        let length = count > UAPI.TASK_SIZE_MAX ? 4096 : count
+        let addr = ckvm_mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard addr > 0, let buf = UnsafeMutableRawPointer(bitPattern: addr) else {
+            throw .unsupported("could not reserve a \(count)-byte read buffer")
+        }
+        defer { _ = ckvm_munmap(UInt64(UInt(bitPattern: addr)), length) }
+        let n = try body(buf)
+        return Array(UnsafeRawBufferPointer(start: buf, count: Int(min(UInt64(n), most))))
+    }
+
+    private func readSmall(_ count: UInt64, _ body: (UnsafeMutableRawPointer) throws(BackendError) -> Int64)
+        throws(BackendError) -> [UInt8]
+    {
         var out = [UInt8](repeating: 0, count: Int(count))
         var n: Int64 = 0
         var failure: BackendError?
@@ -222,11 +271,13 @@ public final class KernelBackend: Backend {
     }
 
     public func write(_ fd: FD, _ bytes: [UInt8]) throws(BackendError) -> UInt64 {
-        UInt64(try check(bytes.withUnsafeBytes { ckvm_write(real(fd), $0.baseAddress, UInt64($0.count)) }))
+        try budget.charge(UInt64(bytes.count), "write(2)")
+        return UInt64(try check(bytes.withUnsafeBytes { ckvm_write(real(fd), $0.baseAddress, UInt64($0.count)) }))
     }
 
     public func pwrite(_ fd: FD, _ bytes: [UInt8], offset: UInt64) throws(BackendError) -> UInt64 {
-        UInt64(try check(bytes.withUnsafeBytes { ckvm_pwrite(real(fd), $0.baseAddress, UInt64($0.count), offset) }))
+        try budget.charge(UInt64(bytes.count), "pwrite(2)")
+        return UInt64(try check(bytes.withUnsafeBytes { ckvm_pwrite(real(fd), $0.baseAddress, UInt64($0.count), offset) }))
     }
 
     public func lseek(_ fd: FD, offset: Int64, whence: Int32) throws(BackendError) -> UInt64 {
@@ -238,7 +289,21 @@ public final class KernelBackend: Backend {
     }
 
     public func fallocate(_ fd: FD, mode: UInt32, offset: UInt64, length: UInt64) throws(BackendError) {
+        try budget.charge(fallocateCharge(real(fd), mode: mode, offset: offset, length: length), "fallocate(2)")
         try check(ckvm_fallocate(real(fd), Int32(bitPattern: mode), offset, length))
+    }
+
+    /// What a fallocate(2) could allocate: nothing for a punch, an invalid mode or a
+    /// descriptor that is not one of this backend's files; for a guest_memfd, nothing
+    /// when guest_memfd refuses the range (unaligned, past EOF) before allocating.
+    private func fallocateCharge(_ fd: Int32, mode: UInt32, offset: UInt64, length: UInt64) -> UInt64 {
+        guard let isGmem = fileKinds[fd], mode & ~UAPI.FALLOC_FL_KEEP_SIZE == 0 else { return 0 }
+        guard isGmem else { return length }
+        var st = ckvm_stat()
+        guard ckvm_fstat(fd, &st) == 0 else { return length }
+        let (end, overflow) = offset.addingReportingOverflow(length)
+        let aligned = (offset | length) & (UAPI.pageSize - 1) == 0
+        return !overflow && aligned && end <= st.size ? length : 0
     }
 
     // MARK: Host memory
@@ -250,6 +315,7 @@ public final class KernelBackend: Backend {
         if fd == nil { flags |= MAP_ANONYMOUS | MAP_NORESERVE }
         let addr = ckvm_mmap(nil, length, Int32(prot.rawValue), flags, fd.map(real) ?? -1, offset)
         try check(addr)
+        ledger.add(UInt64(UInt(bitPattern: addr)), length)
         return Mapping(address: UInt64(UInt(bitPattern: addr)), length: length)
     }
 
@@ -259,9 +325,11 @@ public final class KernelBackend: Backend {
 
     public func munmap(_ mapping: Mapping) throws(BackendError) {
         try check(ckvm_munmap(mapping.address, mapping.length))
+        ledger.remove(mapping.address, mapping.length)
     }
 
     public func hostWrite(address: UInt64, bytes: [UInt8]) throws(BackendError) -> HostAccess {
+        try budget.charge(Self.pagesTouched(address, UInt64(bytes.count)), "a host write")
         guard let dst = UnsafeMutableRawPointer(bitPattern: UInt(address)) else { return .sigsegv(address: address) }
         var fault: UInt64 = 0
         let signo = bytes.withUnsafeBytes { ckvm_probe_copy(dst, $0.baseAddress, UInt64($0.count), &fault) }
@@ -269,12 +337,22 @@ public final class KernelBackend: Backend {
     }
 
     public func hostRead(address: UInt64, count: UInt64) throws(BackendError) -> HostAccess {
-        guard count <= 1 << 30 else { throw .unsupported("host reads over 1 GiB are not buffered by the kernel backend") }
+        if let why = Limits.transferRefusal(count, limit: transferLimit, what: "a host read") { throw .unsupported(why) }
+        try budget.charge(Self.pagesTouched(address, count), "a host read")
         guard let src = UnsafeRawPointer(bitPattern: UInt(address)) else { return .sigsegv(address: address) }
         var out = [UInt8](repeating: 0, count: Int(count))
         var fault: UInt64 = 0
         let signo = out.withUnsafeMutableBytes { ckvm_probe_copy($0.baseAddress, src, count, &fault) }
         return Self.hostOutcome(signo, fault, out)
+    }
+
+    /// The bytes of the pages [address, address + count) touches: what faulting them
+    /// in could allocate.
+    static func pagesTouched(_ address: UInt64, _ count: UInt64) -> UInt64 {
+        guard count > 0 else { return 0 }
+        let (end, overflow) = address.addingReportingOverflow(count)
+        let last = overflow ? UInt64.max >> UAPI.pageShift : (end - 1) >> UAPI.pageShift
+        return (last - (address >> UAPI.pageShift) + 1) &* UAPI.pageSize
     }
 
     static func hostOutcome(_ signo: Int32, _ fault: UInt64, _ bytes: [UInt8]) -> HostAccess {
@@ -317,8 +395,10 @@ public final class KernelBackend: Backend {
         try check(ckvm_ioctl_ptr(vmFD, request, &r))
         if region.memorySize == 0 {
             slotsInUse[vmFD]?.remove(region.slot)
+            slotSizes[vmFD]?[region.slot] = nil
         } else {
             slotsInUse[vmFD, default: []].insert(region.slot)
+            slotSizes[vmFD, default: [:]][region.slot] = region.memorySize
         }
     }
 
@@ -371,6 +451,10 @@ public final class KernelBackend: Backend {
         case .read(let n): count = n
         case .write(let b): count = UInt64(b.count)
         }
+        if case .read = access.kind, let why = Limits.transferRefusal(count, limit: transferLimit, what: "a guest read") {
+            throw .unsupported(why)
+        }
+        try budget.charge(Self.pagesTouched(access.gpa, count), "a guest access")
         let (end, overflow) = access.gpa.addingReportingOverflow(count)
         guard !overflow, end <= GuestHarness.mappableLimit else {
             throw .unsupported("the guest harness identity-maps GPAs below 2^47 only")
@@ -490,14 +574,34 @@ public final class KernelBackend: Backend {
     /// KVM completes an IO or MMIO exit at the next KVM_RUN; run once with
     /// immediate_exit so that completion cannot land in the next access.
     private func completePendingExit(_ v: VCPU) {
-        v.immediateExit = 1
-        _ = ckvm_run(v.fd, guestTimeoutMS)
-        v.immediateExit = 0
+        // A rep movsb that stopped on MMIO is mid-instruction: completing the exit makes
+        // KVM's emulator run the rest of it (another MMIO exit, one byte on), and that
+        // pending exit would corrupt the next access. So the string op is cut short
+        // first: for an MMIO write RCX = 0 ends it; for an MMIO read RCX = 1 lets the
+        // emulator consume the read it asked for (else mmio_read_completed stays set
+        // and the next access's first MMIO read takes that stale byte without an exit)
+        // and end there. If KVM still comes back with an exit, complete that too.
+        for round in 0..<4 {
+            var regs = kvm_regs()
+            let mmioRead = v.exitReason == 6 && v.exitUnion.load(fromByteOffset: 20, as: UInt8.self) == 0
+            let want: UInt64 = mmioRead && round == 0 ? 1 : 0
+            if ckvm_ioctl_ptr(v.fd, CKVM_GET_REGS, &regs) == 0 && regs.rcx != want {
+                regs.rcx = want
+                _ = ckvm_ioctl_ptr(v.fd, CKVM_SET_REGS, &regs)
+            }
+            v.immediateExit = 1
+            let r = ckvm_run(v.fd, guestTimeoutMS)
+            v.immediateExit = 0
+            if r < 0 || (v.exitReason != 6 && v.exitReason != 2) { return }
+        }
     }
 
     public func preFaultMemory(vcpu: FD, gpa: UInt64, size: UInt64, flags: UInt64) throws(BackendError)
         -> (gpa: UInt64, size: UInt64)
     {
+        // Pre-faulting maps memslot pages: at most what the VM's memslots span.
+        let vmKey = vcpus[real(vcpu)]?.vmKey ?? -1
+        try budget.charge(min(size, slotBytes[vmKey, default: 0]), "KVM_PRE_FAULT_MEMORY")
         var range = ckvm_pre_fault_memory()
         range.gpa = gpa
         range.size = size

@@ -45,6 +45,26 @@ struct BackendOptions: ParsableArguments {
     @Option(name: .customLong("mutant"), help: "Run the model with a deliberate bug (\(Mutant.allCases.map(\.rawValue).joined(separator: ", "))); repeatable.")
     var mutants: [Mutant] = []
 
+    @Option(name: .customLong("memory-budget"), help: "Bytes the kernel backend may make the real kernel allocate per scenario (default: a quarter of MemAvailable, at most 8G); steps over it are refused and skipped.")
+    var memoryBudget: String?
+
+    @Option(name: .customLong("max-transfer"), help: "The most bytes one step may return, on either backend (default 1G); larger reads are refused and skipped.")
+    var maxTransfer: String?
+
+    func size(_ text: String?, _ flag: String) throws -> UInt64? {
+        guard let text else { return nil }
+        guard let v = NumberSyntax.parse(text) else { throw ValidationError("\(flag): expected a size such as 512M or 4G, got \(text)") }
+        return v
+    }
+
+    /// The model configuration the options choose (profile, mutants, limits).
+    func configured(_ base: ModelConfig) throws -> ModelConfig {
+        var c = base
+        c.mutants = Set(mutants)
+        if let t = try size(maxTransfer, "--max-transfer") { c.transferLimit = t }
+        return c
+    }
+
     /// Something that runs scenarios: one backend, or two compared step by step.
     struct Executor {
         var name: String
@@ -55,16 +75,14 @@ struct BackendOptions: ParsableArguments {
     func makeExecutor() throws -> Executor {
         switch backend {
         case .model:
-            var config = modelConfig.config
-            config.mutants = Set(mutants)
-            let r = ScenarioRunner(backend: ModelBackend(config: config, checkTransitions: true))
+            let r = ScenarioRunner(backend: ModelBackend(config: try configured(modelConfig.config), checkTransitions: true))
             return Executor(name: "model") { r.run($0, report: $1) }
         case .kernel:
             let r = ScenarioRunner(backend: try kernelBackend())
             return Executor(name: "kernel") { r.run($0, report: $1) }
         case .both:
             let kernel = try kernelBackend()
-            let model = ModelBackend(config: modelConfigMatching(kernel), checkTransitions: true)
+            let model = ModelBackend(config: try configured(modelConfigMatching(kernel)), checkTransitions: true)
             let d = DifferentialRunner(model, kernel)
             return Executor(name: d.name) { d.run($0, report: $1) }
         }
@@ -73,16 +91,12 @@ struct BackendOptions: ParsableArguments {
     /// Fresh backends for one run: the model alone, the kernel alone, or the model
     /// and the kernel (in that order) to be compared.
     func makeBackends() throws -> [any Backend] {
-        var config = modelConfig.config
-        config.mutants = Set(mutants)
         switch backend {
-        case .model: return [ModelBackend(config: config, checkTransitions: true)]
+        case .model: return [ModelBackend(config: try configured(modelConfig.config), checkTransitions: true)]
         case .kernel: return [try kernelBackend()]
         case .both:
             let kernel = try kernelBackend()
-            var c = modelConfigMatching(kernel)
-            c.mutants = Set(mutants)
-            return [ModelBackend(config: c, checkTransitions: true), kernel]
+            return [ModelBackend(config: try configured(modelConfigMatching(kernel)), checkTransitions: true), kernel]
         }
     }
 
@@ -108,8 +122,11 @@ struct BackendOptions: ParsableArguments {
     func kernelBackend() throws -> any Backend {
         #if os(Linux)
         do {
-            return try KernelBackend()
-        } catch {
+            let k = try KernelBackend()
+            if let b = try size(memoryBudget, "--memory-budget") { k.budget = MemoryBudget(limit: b) }
+            if let t = try size(maxTransfer, "--max-transfer") { k.transferLimit = t }
+            return k
+        } catch let error as BackendError {
             if case .unsupported(let why) = error {
                 emitError("gmem: the kernel backend is unavailable: \(why)")
             } else {

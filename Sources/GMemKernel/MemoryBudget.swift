@@ -1,0 +1,86 @@
+#if os(Linux)
+import CKVM
+import GMemBackend
+import Glibc
+
+/// What one kernel backend lets the real kernel allocate, so that no scenario or
+/// fuzz sequence can take the machine down: every call that could make the kernel
+/// allocate memory (fallocate, host and guest accesses that fault pages in,
+/// pre-faults, writes) is charged before it is made and refused, naming the limit,
+/// when the charge would pass the budget. Charges are upper bounds and are never
+/// given back while the backend lives; everything is released when it goes.
+public struct MemoryBudget: Sendable {
+    /// Bytes this backend may make the kernel allocate.
+    public var limit: UInt64
+    /// Bytes charged so far.
+    public private(set) var charged: UInt64 = 0
+
+    public init(limit: UInt64) { self.limit = limit }
+
+    /// The default: a quarter of MemAvailable (/proc/meminfo), at most 8 GiB; 1 GiB if
+    /// it cannot be read.
+    public static var defaultLimit: UInt64 {
+        min(availableBytes().map { $0 / 4 } ?? (1 << 30), 8 << 30)
+    }
+
+    /// MemAvailable from /proc/meminfo, in bytes.
+    public static func availableBytes() -> UInt64? {
+        guard let f = fopen("/proc/meminfo", "r") else { return nil }
+        defer { fclose(f) }
+        var line = [CChar](repeating: 0, count: 256)
+        while fgets(&line, Int32(line.count), f) != nil {
+            let text = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            guard text.hasPrefix("MemAvailable:") else { continue }
+            let digits = text.dropFirst("MemAvailable:".count).filter(\.isNumber)
+            return UInt64(digits).map { $0 * 1024 }
+        }
+        return nil
+    }
+
+    /// Charges `bytes` for `what`, or says why not (the budget left and the flag).
+    public mutating func charge(_ bytes: UInt64, _ what: String) throws(BackendError) {
+        guard bytes > 0 else { return }
+        let (total, overflow) = charged.addingReportingOverflow(bytes)
+        if overflow || total > limit {
+            throw .unsupported(
+                "\(what) could make the kernel allocate \(bytes) bytes; this run's memory budget has \(limit - min(charged, limit)) of \(limit) bytes left (--memory-budget raises it)")
+        }
+        charged = total
+    }
+}
+
+/// The host mappings a backend made, so that it can unmap what a scenario left
+/// mapped when it is done: [address, address + length) ranges, split on munmap.
+struct MappingLedger {
+    private(set) var ranges: [(address: UInt64, length: UInt64)] = []
+
+    mutating func add(_ address: UInt64, _ length: UInt64) {
+        guard length > 0 else { return }
+        ranges.append((address, (length + 4095) & ~4095))
+    }
+
+    /// Forgets [address, address + length): a scenario unmapped it, and the address
+    /// may be reused by anything (the allocator too), so it must not be unmapped again.
+    mutating func remove(_ address: UInt64, _ length: UInt64) {
+        let (end, overflow) = address.addingReportingOverflow((length + 4095) & ~4095)
+        let hi = overflow ? UInt64.max : end
+        var out: [(address: UInt64, length: UInt64)] = []
+        for r in ranges {
+            let rEnd = r.address + r.length
+            if rEnd <= address || r.address >= hi {
+                out.append(r)
+                continue
+            }
+            if r.address < address { out.append((r.address, address - r.address)) }
+            if rEnd > hi { out.append((hi, rEnd - hi)) }
+        }
+        ranges = out
+    }
+
+    /// Unmaps every range still recorded.
+    mutating func releaseAll() {
+        for r in ranges { _ = ckvm_munmap(r.address, r.length) }
+        ranges = []
+    }
+}
+#endif
