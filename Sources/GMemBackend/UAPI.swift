@@ -70,6 +70,7 @@ public enum Capability: String, CaseIterable, Sendable {
     case guestMemfdFlags = "guest_memfd_flags"
     case readonlyMem = "readonly_mem"
     case guestMemfdMemoryAttributes = "guest_memfd_memory_attributes"
+    case maxVCPUID = "max_vcpu_id"
 
     /// The KVM_CAP_* number.
     public var number: UInt32 {
@@ -77,6 +78,7 @@ public enum Capability: String, CaseIterable, Sendable {
         case .userMemory: 3
         case .nrMemslots: 10
         case .readonlyMem: 81
+        case .maxVCPUID: 128
         case .exitHypercall: 201
         case .userMemory2: 231
         case .memoryFaultInfo: 232

@@ -99,8 +99,10 @@ public final class KernelBackend: Backend {
 
     /// The VM types this kernel accepts, whether it has memory attributes and TDP:
     /// what a model needs to stand for this host.
-    public var hostProfile: (vmTypes: UInt64, memoryAttributes: Bool, tdp: Bool) {
-        (max(capability(.vmTypes), 1), capability(.memoryAttributes) != 0, capability(.preFaultMemory) != 0)
+    public var hostProfile: (vmTypes: UInt64, memoryAttributes: Bool, tdp: Bool, inPlace: Bool, maxVCPUIDs: UInt32) {
+        let ids = capability(.maxVCPUID)
+        return (max(capability(.vmTypes), 1), capability(.memoryAttributes) != 0, capability(.preFaultMemory) != 0,
+                capability(.guestMemfdMemoryAttributes) != 0, ids > 0 && ids <= UInt64(UInt32.max) ? UInt32(ids) : 1024)
     }
 
     /// A capability of /dev/kvm, or 0 where the kernel does not know it.
@@ -601,6 +603,11 @@ public final class KernelBackend: Backend {
     {
         // Pre-faulting maps memslot pages: at most what the VM's memslots span.
         let vmKey = vcpus[real(vcpu)]?.vmKey ?? -1
+        if let h = harnessByVM[vmKey], (slotsInUse[vmKey] ?? []).subtracting([h.slot]).isEmpty {
+            // Without TDP the answer depends on whether the VM has any memslot, and the
+            // harness's is the only one: the kernel would answer for the harness.
+            throw .unsupported("the guest harness's memslot is this VM's only one; KVM_PRE_FAULT_MEMORY would answer for it")
+        }
         try budget.charge(min(size, slotBytes[vmKey, default: 0]), "KVM_PRE_FAULT_MEMORY")
         var range = ckvm_pre_fault_memory()
         range.gpa = gpa

@@ -22,6 +22,8 @@ public struct ModelConfig: Hashable, Sendable {
     public var bindingOwnership: BindingOwnership = .fileHoldsVM
     /// GUEST_MEMFD_FLAG_NO_DIRECT_MAP is offered (not in 6.18: see `.next`).
     public var noDirectMap = false
+    /// KVM_MAX_VCPU_IDS (KVM_CAP_MAX_VCPU_ID): 4 x CONFIG_KVM_MAX_NR_VCPUS on x86.
+    public var maxVCPUIDs: UInt32 = 16384
     /// The most bytes one step may return; larger results are refused (not a kernel
     /// limit: the model's, so no input can exhaust memory).
     public var transferLimit: UInt64 = Limits.defaultTransfer
@@ -45,7 +47,7 @@ public struct ModelConfig: Hashable, Sendable {
     /// kvm-pvm, shadow paging, default VMs only, no memory attributes.
     public static let pvmHost = ModelConfig(
         supportedVMTypes: 0b1, memoryAttributesIoctl: false, tdp: false, maxPhysAddrBits: 52,
-        addressSpaces: 1, inPlaceConversion: false)
+        addressSpaces: 1, inPlaceConversion: false, maxVCPUIDs: 4096)
 }
 
 /// What the system did, counted: the policy comparison's columns.

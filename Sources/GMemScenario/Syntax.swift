@@ -14,7 +14,11 @@ public enum NumberSyntax {
         }
     }
 
+    /// The longest number expression read (a guard on the parser's work, not a syntax rule).
+    public static let maxLength = 256
+
     public static func parse(_ text: String) -> UInt64? {
+        guard text.utf8.count <= maxLength else { return nil }
         var p = Parser(chars: Array(text.unicodeScalars.filter { $0 != " " && $0 != "_" }))
         guard !p.chars.isEmpty, let v = p.sum(), p.i == p.chars.count else { return nil }
         return v
@@ -46,11 +50,28 @@ public enum NumberSyntax {
         }
 
         mutating func unary() -> UInt64? {
-            if peek == "-" {
+            // Any run of minus signs, without recursion (no input can exhaust the stack).
+            var negate = false
+            while peek == "-" {
                 i += 1
-                return unary().map { 0 &- $0 }
+                negate.toggle()
             }
-            return atom()
+            return atom().map { negate ? 0 &- $0 : $0 }
+        }
+
+        /// Decimal digits only (an exponent).
+        mutating func plainNumber() -> UInt64? {
+            var v: UInt64 = 0
+            var digits = 0
+            while let c = peek, let d = c.decimalDigitValue {
+                let (m, o) = v.multipliedReportingOverflow(by: 10)
+                let (s, o2) = m.addingReportingOverflow(UInt64(d))
+                if o || o2 { return nil }
+                v = s
+                digits += 1
+                i += 1
+            }
+            return digits == 0 ? nil : v
         }
 
         mutating func atom() -> UInt64? {
@@ -81,13 +102,16 @@ public enum NumberSyntax {
             }
             if peek == "^" {
                 i += 1
-                guard let e = atom(), e < 128 else { return nil }
+                // The exponent is a plain number: "2^2^2" is not an expression (no recursion).
+                guard peek != "^", let e = plainNumber(), e < 128 else { return nil }
                 var r: UInt64 = 1
                 for _ in 0..<e { r = r &* v }
                 return r
             }
-            let units: [Unicode.Scalar: UInt64] = ["K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60]
-            if let c = peek, let shift = units[c] ?? units[Unicode.Scalar(String(c).uppercased())!] {
+            let units: [Unicode.Scalar: UInt64] = [
+                "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60,
+            ]
+            if let c = peek, let shift = units[c] {
                 i += 1
                 if peek == "i" || peek == "B" { i += 1 }  // "4KiB", "4KB" read as 4K too
                 if peek == "B" { i += 1 }

@@ -110,6 +110,8 @@ struct BackendOptions: ParsableArguments {
             c.supportedVMTypes = p.vmTypes
             c.memoryAttributesIoctl = p.memoryAttributes
             c.tdp = p.tdp
+            c.inPlaceConversion = p.inPlace
+            c.maxVCPUIDs = p.maxVCPUIDs
             return c
         }
         #endif

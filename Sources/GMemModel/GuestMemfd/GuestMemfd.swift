@@ -371,6 +371,8 @@ extension Kernel {
     /// lseek(2): guest_memfd has no llseek (ESPIPE); KVM's own files use noop_llseek.
     public mutating func lseek(_ fd: Int32, offset: Int64, whence: Int32) throws(Errno) -> UInt64 {
         let (id, f) = try file(fd)
+        // ksys_lseek(): a whence past SEEK_MAX is EINVAL before the file is asked.
+        if whence < 0 || whence > UAPI.SEEK_HOLE { throw .EINVAL }
         switch f.kind {
         case .guestMemfd: throw .ESPIPE
         case .kvmDevice, .vm, .vcpu: return f.position
@@ -380,7 +382,10 @@ extension Kernel {
             case UAPI.SEEK_SET: base = 0
             case UAPI.SEEK_CUR: base = Int64(f.position)
             case UAPI.SEEK_END: base = Int64(shmemInodes[ino]!.size)
-            default: throw .EINVAL
+            default:
+                let pos = try shmemSeekData(ino, offset: offset, hole: whence == UAPI.SEEK_HOLE)
+                files[id]!.position = pos
+                return pos
             }
             let (pos, overflow) = base.addingReportingOverflow(offset)
             if overflow || pos < 0 { throw .EINVAL }

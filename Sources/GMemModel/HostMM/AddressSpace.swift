@@ -62,17 +62,27 @@ extension Kernel {
     public mutating func mmap(fd: Int32?, offset: UInt64, length: UInt64, prot: Protection, shared: Bool)
         throws(Errno) -> Mapping
     {
-        if length == 0 { throw .EINVAL }
+        // sys_mmap() refuses an unaligned offset before it looks at the fd;
+        // ksys_mmap_pgoff() then looks the fd up (EBADF) before do_mmap()'s checks.
         if offset & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
+        let opened = try fd.map { fd throws(Errno) in try file(fd) }
+        if length == 0 { throw .EINVAL }
         let (rounded, overflow) = length.addingReportingOverflow(UAPI.pageSize - 1)
-        if overflow || rounded > UAPI.TASK_SIZE_MAX { throw .ENOMEM }
+        if overflow { throw .ENOMEM }  // PAGE_ALIGN(len) wrapped to 0
+        if rounded > UAPI.TASK_SIZE_MAX { throw .ENOMEM }  // get_unmapped_area()
         let pages = rounded >> UAPI.pageShift
         let pgoff = offset >> UAPI.pageShift
-        if pgoff.addingReportingOverflow(pages).overflow { throw .EOVERFLOW }
 
         let backing: VMABacking
-        if let fd {
-            let (fileID, f) = try file(fd)
+        if let (fileID, f) = opened {
+            switch f.kind {
+            case .guestMemfd, .memfd:
+                // file_mmap_ok(): a regular file maps at most MAX_LFS_FILESIZE bytes.
+                let bytes = pages << UAPI.pageShift
+                if bytes > UAPI.MAX_LFS_FILESIZE || pgoff > (UAPI.MAX_LFS_FILESIZE - bytes) >> UAPI.pageShift { throw .EOVERFLOW }
+            case .kvmDevice, .vm, .vcpu:
+                break
+            }
             switch f.kind {
             case .guestMemfd(let ino):
                 // guest_memfd's mount is noexec: do_mmap refuses VM_EXEC first.
@@ -83,9 +93,12 @@ extension Kernel {
             case .memfd(let ino):
                 backing = .file(fileID: fileID, object: .shmem(ino))
             case .kvmDevice, .vm:
+                // Anonymous-inode files live on a noexec mount and have no mmap.
+                if prot.contains(.exec) { throw .EPERM }
                 throw .ENODEV
             case .vcpu:
                 // The kvm_run page; not modelled as memory the scenarios touch.
+                if prot.contains(.exec) { throw .EPERM }
                 throw .ENODEV
             }
             getFile(fileID)

@@ -133,4 +133,21 @@ extension Kernel {
         }
         shmemInodes[ino]!.size = size
     }
+
+    /// shmem_file_llseek() with SEEK_DATA or SEEK_HOLE: the next allocated (data) or
+    /// unallocated (hole) byte at or after `offset`; EOF counts as a hole. An offset
+    /// outside [0, i_size) is ENXIO, and so is SEEK_DATA with no data after it.
+    ///
+    /// - Complexity: O(log r + k) for the k runs of `allocated` it passes.
+    func shmemSeekData(_ ino: UInt64, offset: Int64, hole: Bool) throws(Errno) -> UInt64 {
+        let inode = shmemInodes[ino]!
+        guard offset >= 0, UInt64(offset) < inode.size else { throw .ENXIO }
+        let start = UInt64(offset)
+        let pages = (inode.size + UAPI.pageSize - 1) >> UAPI.pageShift
+        guard let page = inode.allocated.firstIndex(in: (start >> UAPI.pageShift)..<pages, where: { $0 != hole }) else {
+            if hole { return inode.size }
+            throw .ENXIO
+        }
+        return min(max(page << UAPI.pageShift, start), inode.size)
+    }
 }

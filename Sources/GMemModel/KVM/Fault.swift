@@ -158,6 +158,9 @@ extension Kernel {
 
     /// KVM_PRE_FAULT_MEMORY: maps the range as a read fault would, page by page.
     /// Returns the range not yet done; succeeds if at least one page was mapped.
+    /// The most bytes one KVM_PRE_FAULT_MEMORY call maps in the model (2^20 pages).
+    static let maxPreFaultBytes: UInt64 = 1 << 32
+
     public mutating func preFaultMemory(vcpu fd: Int32, gpa: UInt64, size: UInt64, flags: UInt64) throws(Errno)
         -> (gpa: UInt64, size: UInt64)
     {
@@ -166,10 +169,15 @@ extension Kernel {
         if gpa & (UAPI.pageSize - 1) != 0 || size & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
         let (end, overflow) = gpa.addingReportingOverflow(size)
         if overflow || end <= gpa { throw .EINVAL }
-        // Shadow paging faults on GVAs; pre-faulting GPAs needs TDP.
-        guard config.tdp else { throw .EOPNOTSUPP }
+        // Shadow paging faults on GVAs; pre-faulting GPAs needs TDP. Loading the
+        // shadow MMU's roots fails first when the VM has no memslot at all (measured:
+        // ENOSPC on kvm-pvm hosts).
+        guard config.tdp else { throw vms[vm]!.memslots.isEmpty ? .ENOSPC : .EOPNOTSUPP }
         var cursor = gpa
-        while cursor < end {
+        // At most this many pages a call, as if a signal came: the caller sees the
+        // progress and calls again (the kernel stops the same way on a signal).
+        let stop = end - gpa > Self.maxPreFaultBytes ? gpa + Self.maxPreFaultBytes : end
+        while cursor < stop {
             let gfn = cursor >> UAPI.pageShift
             do throws(FaultExit) {
                 // A memslot being deleted or moved: EAGAIN, as pre-faulting does not

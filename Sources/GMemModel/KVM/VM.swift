@@ -93,7 +93,7 @@ extension Kernel {
     public mutating func createVCPU(vm fd: Int32, id: UInt32) throws(Errno) -> Int32 {
         let vm = try vmFD(fd)
         // KVM_MAX_VCPU_IDS on x86 is 4096 * 4.
-        if id >= 4096 * 4 { throw .EINVAL }
+        if id >= config.maxVCPUIDs { throw .EINVAL }  // KVM_MAX_VCPU_IDS
         if vms[vm]!.vcpus.contains(id) { throw .EEXIST }
         vms[vm]!.vcpus.insert(id)
         vms[vm]!.refs += 1
@@ -129,6 +129,7 @@ extension Kernel {
         switch cap {
         case .userMemory, .userMemory2, .memoryFaultInfo, .guestMemfd: return 1
         case .readonlyMem: return 1
+        case .maxVCPUID: return UInt64(config.maxVCPUIDs)
         case .nrMemslots: return UInt64(UAPI.KVM_USER_MEM_SLOTS)
         case .exitHypercall: return 1 << UAPI.KVM_HC_MAP_GPA_RANGE
         case .memoryAttributes:

@@ -12,13 +12,16 @@ public struct FuzzScope: Hashable, Sendable {
     public var memoryFailure = false
     /// check_invariants steps (model only).
     public var invariants = false
+    /// Host accesses that run past a mapping's end. Off against a real kernel: what
+    /// lies there is whatever that process mapped next, not something to compare.
+    public var pastMappingEnds = false
 
     public init() {}
 
     /// Everything the model can run.
     public static var modelOnly: FuzzScope {
         var s = FuzzScope()
-        (s.processes, s.pins, s.iommu, s.memoryFailure, s.invariants) = (true, true, true, true, true)
+        (s.processes, s.pins, s.iommu, s.memoryFailure, s.invariants, s.pastMappingEnds) = (true, true, true, true, true, true)
         return s
     }
 
@@ -26,6 +29,7 @@ public struct FuzzScope: Hashable, Sendable {
     public static func common(to backends: [any Backend]) -> FuzzScope {
         var s = FuzzScope.modelOnly
         s.invariants = backends.allSatisfy { $0.name == "model" }
+        s.pastMappingEnds = s.invariants
         for b in backends {
             if b.missing(.processes) != nil { s.processes = false }
             if b.missing(.pins) != nil { s.pins = false }
@@ -268,11 +272,12 @@ public struct FuzzGenerator {
         let span = min(m.len, 1 << 21)
         let offset = FuzzValues.chance(&r, 85) ? (r.next() % max(span / 4096, 1)) * 4096 + (FuzzValues.chance(&r, 20) ? r.next() % 4096 : 0)
             : FuzzValues.pick(&r, [m.len, m.len &- 1, m.len &+ 4096])
+        let len: UInt64 = FuzzValues.chance(&r, 85) ? 1 + r.next() % 64 : FuzzValues.pick(&r, [4096, 8192, 0])
+        if !scope.pastMappingEnds && (offset >= m.len || len > m.len - offset) { return }
         if FuzzValues.chance(&r, 50) {
-            let len: UInt64 = FuzzValues.chance(&r, 85) ? 1 + r.next() % 64 : FuzzValues.pick(&r, [4096, 8192, 0])
             emit("host_read", ["map": .string(m.name), "offset": FuzzValues.hex(offset), "len": .int(len)])
         } else {
-            emit("host_write", ["map": .string(m.name), "offset": FuzzValues.hex(offset), "bytes": FuzzValues.bytes(&r)])
+            emit("host_write", ["map": .string(m.name), "offset": FuzzValues.hex(offset), "bytes": FuzzValues.bytes(&r, max: max(min(len, 64), 1))])
         }
     }
 
