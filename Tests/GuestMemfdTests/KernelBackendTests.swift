@@ -16,7 +16,9 @@ struct KernelBackendTests {
     /// The model, configured as the host it is compared with.
     static func matchingModel(_ k: KernelBackend) -> ModelBackend {
         var c = ModelConfig.mainline
-        (c.supportedVMTypes, c.memoryAttributesIoctl, c.tdp) = k.hostProfile
+        let p = k.hostProfile
+        (c.supportedVMTypes, c.memoryAttributesIoctl, c.tdp, c.inPlaceConversion, c.maxVCPUIDs) =
+            (p.vmTypes, p.memoryAttributes, p.tdp, p.inPlace, p.maxVCPUIDs)
         return ModelBackend(config: c, checkTransitions: true)
     }
 
