@@ -16,7 +16,8 @@ func sideBySide() {
     }
     let profile = probe.hostProfile
     var config = ModelConfig.mainline
-    (config.supportedVMTypes, config.memoryAttributesIoctl, config.tdp) = profile
+    (config.supportedVMTypes, config.memoryAttributesIoctl, config.tdp, config.inPlaceConversion, config.maxVCPUIDs) =
+        (profile.vmTypes, profile.memoryAttributes, profile.tdp, profile.inPlace, profile.maxVCPUIDs)
     print("side by side, through the Backend protocol (model | kernel), median of \(runs) runs:")
     let makers: [(String, () -> any Backend)] = [
         ("model", { ModelBackend(config: config) }),
