@@ -59,7 +59,7 @@ public enum NumberSyntax {
             return atom().map { negate ? 0 &- $0 : $0 }
         }
 
-        /// Decimal digits only (an exponent).
+        /// Decimal digits only (a number's digits, an exponent); nil on overflow.
         mutating func plainNumber() -> UInt64? {
             var v: UInt64 = 0
             var digits = 0
@@ -89,16 +89,8 @@ public enum NumberSyntax {
                 }
                 if digits == 0 { return nil }
             } else {
-                var digits = 0
-                while let c = peek, let d = c.decimalDigitValue {
-                    let (m, o) = v.multipliedReportingOverflow(by: 10)
-                    let (s, o2) = m.addingReportingOverflow(UInt64(d))
-                    if o || o2 { return nil }
-                    v = s
-                    digits += 1
-                    i += 1
-                }
-                if digits == 0 { return nil }
+                guard let n = plainNumber() else { return nil }
+                v = n
             }
             if peek == "^" {
                 i += 1
