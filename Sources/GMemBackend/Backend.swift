@@ -256,6 +256,23 @@ public enum BindingOwnership: String, CaseIterable, Hashable, Sendable {
     case memslotHoldsFile = "memslot_holds_file"
 }
 
+/// What a real kernel offers where kernels differ: what a model needs to stand for it.
+public struct HostProfile: Hashable, Sendable {
+    /// KVM_CAP_VM_TYPES (bit n = type n accepted).
+    public var vmTypes: UInt64
+    /// KVM_SET_MEMORY_ATTRIBUTES with PRIVATE.
+    public var memoryAttributes: Bool
+    /// Two-dimensional paging (KVM_CAP_PRE_FAULT_MEMORY).
+    public var tdp: Bool
+    /// In-place conversion (KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES).
+    public var inPlace: Bool
+    /// KVM_MAX_VCPU_IDS (KVM_CAP_MAX_VCPU_ID).
+    public var maxVCPUIDs: UInt32
+    public init(vmTypes: UInt64, memoryAttributes: Bool, tdp: Bool, inPlace: Bool, maxVCPUIDs: UInt32) {
+        (self.vmTypes, self.memoryAttributes, self.tdp, self.inPlace, self.maxVCPUIDs) = (vmTypes, memoryAttributes, tdp, inPlace, maxVCPUIDs)
+    }
+}
+
 /// A host process: pid 1 is the VMM that drives KVM.
 public struct ProcessHandle: Hashable, Sendable {
     public var pid: UInt32

@@ -199,7 +199,7 @@ extension KernelBackend {
             // harness's is the only one: the kernel would answer for the harness.
             throw .unsupported("the guest harness's memslot is this VM's only one; KVM_PRE_FAULT_MEMORY would answer for it")
         }
-        try budget.charge(min(size, slotBytes[vmKey, default: 0]), "KVM_PRE_FAULT_MEMORY")
+        try budget.charge(min(size, slotSizes[vmKey, default: [:]].values.reduce(0, &+)), "KVM_PRE_FAULT_MEMORY")
         var range = ckvm_pre_fault_memory()
         range.gpa = gpa
         range.size = size

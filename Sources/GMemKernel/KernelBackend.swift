@@ -23,10 +23,7 @@ public final class KernelBackend: Backend {
     /// for the harness.
     var slotsInUse: [Int32: Set<UInt32>] = [:]
     /// Bytes spanned by each VM's memslots (by slot), bounding what pre-faults map.
-    private var slotSizes: [Int32: [UInt32: UInt64]] = [:]
-    var slotBytes: [Int32: UInt64] {
-        slotSizes.mapValues { $0.values.reduce(0, &+) }
-    }
+    var slotSizes: [Int32: [UInt32: UInt64]] = [:]
     /// Per-access time limit for a guest that never exits.
     public var guestTimeoutMS: UInt32 = 2000
     /// What this backend lets the kernel allocate (see `MemoryBudget`).
@@ -99,10 +96,12 @@ public final class KernelBackend: Backend {
 
     /// The VM types this kernel accepts, whether it has memory attributes and TDP:
     /// what a model needs to stand for this host.
-    public var hostProfile: (vmTypes: UInt64, memoryAttributes: Bool, tdp: Bool, inPlace: Bool, maxVCPUIDs: UInt32) {
+    public var hostProfile: HostProfile {
         let ids = capability(.maxVCPUID)
-        return (max(capability(.vmTypes), 1), capability(.memoryAttributes) != 0, capability(.preFaultMemory) != 0,
-                capability(.guestMemfdMemoryAttributes) != 0, ids > 0 && ids <= UInt64(UInt32.max) ? UInt32(ids) : 1024)
+        return HostProfile(
+            vmTypes: max(capability(.vmTypes), 1), memoryAttributes: capability(.memoryAttributes) != 0,
+            tdp: capability(.preFaultMemory) != 0, inPlace: capability(.guestMemfdMemoryAttributes) != 0,
+            maxVCPUIDs: ids > 0 && ids <= UInt64(UInt32.max) ? UInt32(ids) : 1024)
     }
 
     /// A capability of /dev/kvm, or 0 where the kernel does not know it.

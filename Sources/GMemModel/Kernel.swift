@@ -43,6 +43,18 @@ public struct ModelConfig: Hashable, Sendable {
         supportedVMTypes: 0b11_0011, memoryAttributesIoctl: true, tdp: true, maxPhysAddrBits: 52,
         addressSpaces: 1)
 
+    /// Mainline standing for the kernel `profile` describes: its VM types, memory
+    /// attributes, paging mode, in-place conversion and vCPU id limit.
+    public static func standing(for profile: HostProfile) -> ModelConfig {
+        var c = ModelConfig.mainline
+        c.supportedVMTypes = profile.vmTypes
+        c.memoryAttributesIoctl = profile.memoryAttributes
+        c.tdp = profile.tdp
+        c.inPlaceConversion = profile.inPlace
+        c.maxVCPUIDs = profile.maxVCPUIDs
+        return c
+    }
+
     /// The hosts this project runs on (reference/host-kernel-probe.md): 6.18 with
     /// kvm-pvm, shadow paging, default VMs only, no memory attributes.
     public static let pvmHost = ModelConfig(

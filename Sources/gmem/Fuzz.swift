@@ -72,12 +72,11 @@ struct Fuzz: ParsableCommand {
         var findings: [String: (FuzzFinding, UInt64, Int)] = [:]
         var order: [String] = []
         var known: [String: Int] = [:]
-        let seeds: [UInt64] = only.map { [$0] } ?? []
         let total = only == nil ? count : 1
         emit("gmem fuzz: \(probe.map(\.name).joined(separator: " against ")), campaign seed \(seed), \(total) sequences of \(steps) steps")
         for i in 0..<total {
             if let limit = timeLimit, monotonicSeconds() - start > limit { break }
-            let s = seeds.first ?? FuzzRNG.sequenceSeed(campaign: seed, index: i)
+            let s = only ?? FuzzRNG.sequenceSeed(campaign: seed, index: i)
             CrashNote.set("gmem fuzz: trapped in sequence \(s); reproduce with: gmem fuzz --backend \(options.backend.rawValue) --sequence \(s) --steps \(steps)\n")
             let sequence = FuzzGenerator.sequence(seed: s, steps: steps, scope: scope)
             sequences += 1

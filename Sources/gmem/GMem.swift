@@ -105,14 +105,7 @@ struct BackendOptions: ParsableArguments {
     func modelConfigMatching(_ kernel: any Backend) -> ModelConfig {
         #if os(Linux)
         if !modelConfigGiven, let k = kernel as? KernelBackend {
-            let p = k.hostProfile
-            var c = ModelConfig.mainline
-            c.supportedVMTypes = p.vmTypes
-            c.memoryAttributesIoctl = p.memoryAttributes
-            c.tdp = p.tdp
-            c.inPlaceConversion = p.inPlace
-            c.maxVCPUIDs = p.maxVCPUIDs
-            return c
+            return .standing(for: k.hostProfile)
         }
         #endif
         return modelConfig.config

@@ -15,11 +15,7 @@ let kvmUnavailable = KernelBackend.unavailableReason()
 struct KernelBackendTests {
     /// The model, configured as the host it is compared with.
     static func matchingModel(_ k: KernelBackend) -> ModelBackend {
-        var c = ModelConfig.mainline
-        let p = k.hostProfile
-        (c.supportedVMTypes, c.memoryAttributesIoctl, c.tdp, c.inPlaceConversion, c.maxVCPUIDs) =
-            (p.vmTypes, p.memoryAttributes, p.tdp, p.inPlace, p.maxVCPUIDs)
-        return ModelBackend(config: c, checkTransitions: true)
+        ModelBackend(config: .standing(for: k.hostProfile), checkTransitions: true)
     }
 
     @Test(arguments: ScenarioTests.corpus)

@@ -14,10 +14,7 @@ func sideBySide() {
         print("side by side with the kernel: skipped (\(KernelBackend.unavailableReason() ?? "no kernel backend"))")
         return
     }
-    let profile = probe.hostProfile
-    var config = ModelConfig.mainline
-    (config.supportedVMTypes, config.memoryAttributesIoctl, config.tdp, config.inPlaceConversion, config.maxVCPUIDs) =
-        (profile.vmTypes, profile.memoryAttributes, profile.tdp, profile.inPlace, profile.maxVCPUIDs)
+    let config = ModelConfig.standing(for: probe.hostProfile)
     print("side by side, through the Backend protocol (model | kernel), median of \(runs) runs:")
     let makers: [(String, () -> any Backend)] = [
         ("model", { ModelBackend(config: config) }),

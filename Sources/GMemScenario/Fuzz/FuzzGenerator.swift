@@ -395,9 +395,7 @@ public struct FuzzGenerator {
             children.append(n)
         } else {
             let c = children.removeFirst()
-            var o = JSONObject(["op": .string("exit_process"), "process": .string(c), "expect": .string("any")])
-            o["comment"] = nil
-            steps.append(.object(o))
+            steps.append(.object(JSONObject(["op": .string("exit_process"), "process": .string(c), "expect": .string("any")])))
         }
     }
 
