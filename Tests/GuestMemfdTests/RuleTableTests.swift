@@ -213,6 +213,8 @@ struct RuleTableTests {
         let vm = try k.createVM(type: 0)
         #expect(try k.checkExtension(on: vm, .memoryAttributes) == 0)
         #expect(errnoOf { () throws(Errno) in try k.setMemoryAttributes(vm: vm, address: 0, size: 4096, attributes: 0, flags: 0) } == .ENOTTY)
+        #expect(errnoOf { () throws(Errno) in try k.createVCPU(vm: vm, id: 4096) } == .EINVAL, "KVM_MAX_VCPU_IDS is 4096 here")
+        #expect(errnoOf { () throws(Errno) in try k.createVCPU(vm: vm, id: 4095) } == nil)
         let vcpu = try k.createVCPU(vm: vm, id: 0)
         // Measured on this host: no memslot at all, ENOSPC; with one, EOPNOTSUPP.
         #expect(errnoOf { () throws(Errno) in try k.preFaultMemory(vcpu: vcpu, gpa: 0, size: 4096, flags: 0) } == .ENOSPC)

@@ -134,20 +134,30 @@ extension Kernel {
         shmemInodes[ino]!.size = size
     }
 
-    /// shmem_file_llseek() with SEEK_DATA or SEEK_HOLE: the next allocated (data) or
-    /// unallocated (hole) byte at or after `offset`; EOF counts as a hole. An offset
-    /// outside [0, i_size) is ENXIO, and so is SEEK_DATA with no data after it.
+    /// shmem_file_llseek() with SEEK_DATA or SEEK_HOLE: the next byte at or after
+    /// `offset` in a page that holds data (written or faulted: uptodate; a page only
+    /// fallocated is not, and counts as a hole), or in one that does not; EOF counts as
+    /// a hole. An offset outside [0, i_size) is ENXIO, and so is SEEK_DATA with no data
+    /// after it.
     ///
-    /// - Complexity: O(log r + k) for the k runs of `allocated` it passes.
+    /// - Complexity: O(f) for the f pages with frames.
     func shmemSeekData(_ ino: UInt64, offset: Int64, hole: Bool) throws(Errno) -> UInt64 {
         let inode = shmemInodes[ino]!
         guard offset >= 0, UInt64(offset) < inode.size else { throw .ENXIO }
         let start = UInt64(offset)
-        let pages = (inode.size + UAPI.pageSize - 1) >> UAPI.pageShift
-        guard let page = inode.allocated.firstIndex(in: (start >> UAPI.pageShift)..<pages, where: { $0 != hole }) else {
+        let first = start >> UAPI.pageShift
+        let page: UInt64?
+        if hole {
+            var p = first
+            while inode.pages[p] != nil { p += 1 }  // ends: at most f pages hold data
+            page = p
+        } else {
+            page = inode.pages.keys.filter { $0 >= first }.min()
+        }
+        guard let page, page << UAPI.pageShift < inode.size else {
             if hole { return inode.size }
             throw .ENXIO
         }
-        return min(max(page << UAPI.pageShift, start), inode.size)
+        return max(page << UAPI.pageShift, start)
     }
 }
