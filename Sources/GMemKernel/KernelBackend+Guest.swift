@@ -175,12 +175,16 @@ extension KernelBackend {
         // and the next access's first MMIO read takes that stale byte without an exit)
         // and end there. If KVM still comes back with an exit, complete that too.
         for round in 0..<4 {
-            var regs = kvm_regs()
-            let mmioRead = v.exitReason == 6 && v.exitUnion.load(fromByteOffset: 20, as: UInt8.self) == 0
-            let want: UInt64 = mmioRead && round == 0 ? 1 : 0
-            if ckvm_ioctl_ptr(v.fd, CKVM_GET_REGS, &regs) == 0 && regs.rcx != want {
-                regs.rcx = want
-                _ = ckvm_ioctl_ptr(v.fd, CKVM_SET_REGS, &regs)
+            // Port I/O exits (the copy's `out`, a program's doorbell) stop between
+            // instructions: only an MMIO exit leaves a string op half done.
+            if v.exitReason == 6 {
+                var regs = kvm_regs()
+                let isRead = v.exitUnion.load(fromByteOffset: 20, as: UInt8.self) == 0
+                let want: UInt64 = isRead && round == 0 ? 1 : 0
+                if ckvm_ioctl_ptr(v.fd, CKVM_GET_REGS, &regs) == 0 && regs.rcx != want {
+                    regs.rcx = want
+                    _ = ckvm_ioctl_ptr(v.fd, CKVM_SET_REGS, &regs)
+                }
             }
             v.immediateExit = 1
             let r = ckvm_run(v.fd, guestTimeoutMS)
