@@ -10,13 +10,9 @@ extension KernelBackend {
 
     /// The harness of the vCPU's VM, created at its first guest access.
     func harness(for v: VCPU) throws(BackendError) -> GuestHarness {
-        if let h = v.harness { return h }
-        if let h = harnessByVM[v.vmKey] {
-            v.harness = h
-            return h
-        }
-        let used = slotsInUse[v.vmKey] ?? []
-        guard let slot = (UInt32(0)..<UAPI.KVM_USER_MEM_SLOTS).reversed().first(where: { !used.contains($0) }) else {
+        if let h = v.vm.harness { return h }
+        let used = v.vm.slots
+        guard let slot = (UInt32(0)..<UAPI.KVM_USER_MEM_SLOTS).reversed().first(where: { used[$0] == nil }) else {
             throw .unsupported("no free memslot for the guest harness")
         }
         let h: GuestHarness
@@ -25,8 +21,7 @@ extension KernelBackend {
         } catch .errno(let e) where e == .EEXIST {
             throw .unsupported("GPA [0, 32 MiB) is taken by the scenario's memslots; the guest harness needs it")
         }
-        v.harness = h
-        harnessByVM[v.vmKey] = h
+        v.vm.harness = h
         return h
     }
 
@@ -197,13 +192,13 @@ extension KernelBackend {
         -> (gpa: UInt64, size: UInt64)
     {
         // Pre-faulting maps memslot pages: at most what the VM's memslots span.
-        let vmKey = vcpus[real(vcpu)]?.vmKey ?? -1
-        if let h = harnessByVM[vmKey], (slotsInUse[vmKey] ?? []).subtracting([h.slot]).isEmpty {
+        let vm = vcpus[real(vcpu)]?.vm
+        if vm?.harness != nil, vm?.slots.isEmpty == true {
             // Without TDP the answer depends on whether the VM has any memslot, and the
             // harness's is the only one: the kernel would answer for the harness.
             throw .unsupported("the guest harness's memslot is this VM's only one; KVM_PRE_FAULT_MEMORY would answer for it")
         }
-        try budget.charge(min(size, slotSizes[vmKey, default: [:]].values.reduce(0, &+)), "KVM_PRE_FAULT_MEMORY")
+        try budget.charge(min(size, vm?.slots.values.reduce(0, &+) ?? 0), "KVM_PRE_FAULT_MEMORY")
         var range = ckvm_pre_fault_memory()
         range.gpa = gpa
         range.size = size

@@ -16,14 +16,10 @@ public final class KernelBackend: Backend {
     /// Descriptors this backend handed out (VMs, vCPUs, guest_memfds, memfds).
     private var handedOut: Set<Int32> = []
     var vcpus: [Int32: VCPU] = [:]
-    /// The harness of each VM that has run guest code, by the scenario's VM fd,
-    /// for the reservation checks; the vCPUs own the harnesses.
-    var harnessByVM: [Int32: GuestHarness] = [:]
-    /// Memslot ids in use per VM fd (successful region calls), to pick a free one
-    /// for the harness.
-    var slotsInUse: [Int32: Set<UInt32>] = [:]
-    /// Bytes spanned by each VM's memslots (by slot), bounding what pre-faults map.
-    var slotSizes: [Int32: [UInt32: UInt64]] = [:]
+    /// What the backend knows of each VM, by the scenario's VM fd. Its vCPUs hold the
+    /// same record, so a VM that lives on after its fd is closed (through its vCPUs)
+    /// keeps its harness, and a reused fd number never reaches a dead VM's.
+    var vms: [Int32: VMRecord] = [:]
     /// Per-access time limit for a guest that never exits.
     public var guestTimeoutMS: UInt32 = 2000
     /// What this backend lets the kernel allocate (see `MemoryBudget`).
@@ -35,20 +31,27 @@ public final class KernelBackend: Backend {
     /// guest_memfds and memfds this backend made, for charging fallocate precisely.
     private var fileKinds: [Int32: Bool] = [:]  // true: guest_memfd
 
+    /// One VM as this backend drives it: the guest harness, once guest code has run,
+    /// and the scenario's memslots (id to size), for picking the harness a free slot,
+    /// keeping scenarios off it and bounding what pre-faults map.
+    final class VMRecord {
+        var harness: GuestHarness?
+        var slots: [UInt32: UInt64] = [:]
+    }
+
     final class VCPU {
         let fd: Int32
         /// A dup of the VM fd, so the harness can add its memslot after the
         /// scenario closed its own VM fd.
         let vmFD: Int32
-        let vmKey: Int32
+        let vm: VMRecord
         let run: UnsafeMutableRawPointer
         let runSize: Int
         var configured = false
-        var harness: GuestHarness?
-        init(fd: Int32, vmFD: Int32, vmKey: Int32, run: UnsafeMutableRawPointer, runSize: Int) {
+        init(fd: Int32, vmFD: Int32, vm: VMRecord, run: UnsafeMutableRawPointer, runSize: Int) {
             self.fd = fd
             self.vmFD = vmFD
-            self.vmKey = vmKey
+            self.vm = vm
             self.run = run
             self.runSize = runSize
         }
@@ -89,7 +92,7 @@ public final class KernelBackend: Backend {
     deinit {
         ledger.releaseAll()
         vcpus.removeAll()
-        harnessByVM.removeAll()
+        vms.removeAll()
         for fd in handedOut { _ = ckvm_close(fd) }
         _ = ckvm_close(kvm)
     }
@@ -160,7 +163,7 @@ public final class KernelBackend: Backend {
     public func createVM(type: UInt64, conversion: ConversionPolicy) throws(BackendError) -> FD {
         if conversion == .inPlace, let why = missing(.inPlaceConversion) { throw .unsupported(why) }
         let fd = try adopt(ckvm_ioctl_val(kvm, CKVM_CREATE_VM, UInt(truncatingIfNeeded: type)))
-        slotsInUse[fd.raw] = []
+        vms[fd.raw] = VMRecord()
         return fd
     }
 
@@ -170,7 +173,7 @@ public final class KernelBackend: Backend {
         let addr = try check(ckvm_mmap(nil, UInt64(runSize), PROT_READ | PROT_WRITE, MAP_SHARED, fd.raw, 0))
         let p = UnsafeMutableRawPointer(bitPattern: addr)!
         let dup = Glibc.dup(vmFD)
-        vcpus[fd.raw] = VCPU(fd: fd.raw, vmFD: dup, vmKey: vmFD, run: p, runSize: runSize)
+        vcpus[fd.raw] = VCPU(fd: fd.raw, vmFD: dup, vm: vms[vmFD] ?? VMRecord(), run: p, runSize: runSize)
         return fd
     }
 
@@ -207,8 +210,8 @@ public final class KernelBackend: Backend {
         handedOut.remove(r)
         fileKinds[r] = nil
         vcpus[r] = nil
-        // The fd number may be reused by another VM; the harness lives on in its vCPUs.
-        harnessByVM[r] = nil
+        // The fd number may be reused by another VM; the record lives on in the vCPUs.
+        vms[r] = nil
     }
 
     // MARK: Files
@@ -376,7 +379,7 @@ public final class KernelBackend: Backend {
 
     private func setRegion(vm: FD, _ region: UserMemoryRegion2, request: UInt) throws(BackendError) {
         let vmFD = real(vm)
-        if let h = harnessByVM[vmFD] {
+        if let h = vms[vmFD]?.harness {
             if region.slot == h.slot {
                 throw .unsupported("memslot \(h.slot) holds the kernel backend's guest harness in this VM")
             }
@@ -394,13 +397,7 @@ public final class KernelBackend: Backend {
         r.guest_memfd = region.guestMemfd <= UInt32(Int32.max) && !handedOut.contains(Int32(region.guestMemfd))
             ? UInt32.max : region.guestMemfd
         try check(ckvm_ioctl_ptr(vmFD, request, &r))
-        if region.memorySize == 0 {
-            slotsInUse[vmFD]?.remove(region.slot)
-            slotSizes[vmFD]?[region.slot] = nil
-        } else {
-            slotsInUse[vmFD, default: []].insert(region.slot)
-            slotSizes[vmFD, default: [:]][region.slot] = region.memorySize
-        }
+        vms[vmFD]?.slots[region.slot] = region.memorySize == 0 ? nil : region.memorySize
     }
 
     public func setMemoryAttributes(vm: FD, address: UInt64, size: UInt64, attributes: UInt64, flags: UInt64)

@@ -45,6 +45,19 @@ struct KernelBackendTests {
         }
     }
 
+    /// A VM whose fd is closed lives on through its vCPUs, harness and all: a vCPU
+    /// that runs for the first time after the close uses the VM's harness.
+    @Test func aClosedVMFdKeepsItsHarness() throws {
+        let k = try KernelBackend()
+        let vm = try k.createVM(type: 0)
+        let first = try k.createVCPU(vm: vm, id: 0)
+        let second = try k.createVCPU(vm: vm, id: 1)
+        let gpa: UInt64 = 3 << 30
+        #expect(try k.guestAccess(vcpu: first, GuestAccess(gpa: gpa, kind: .read(count: 4))) == .exit(.mmio(gpa: gpa, length: 1, isWrite: false)))
+        try k.close(vm)
+        #expect(try k.guestAccess(vcpu: second, GuestAccess(gpa: gpa, kind: .write([1]))) == .exit(.mmio(gpa: gpa, length: 1, isWrite: true)))
+    }
+
     /// A backend unmaps what its run left mapped when it goes.
     @Test func mappingsGoWithTheBackend() throws {
         var address: UInt64 = 0
