@@ -83,10 +83,20 @@ extension Kernel {
     /// The post-merge validation, in its order. ENOTTY where the ioctl does not exist
     /// (not a guest_memfd, or a VM without in-place conversion).
     func convertChecks(_ fd: Int32, offset: UInt64, size: UInt64, attributes: UInt64, flags: UInt64) throws(Errno) {
-        let (_, f) = try file(fd)
-        let (fileID, _) = try file(fd)
+        let (fileID, f) = try file(fd)
         guard case .guestMemfd(let ino) = f.kind, let vm = gmemFiles[fileID]?.vm, vms[vm]?.conversion == .inPlace else {
-            throw .ENOTTY
+            // An ioctl number the file does not know: kvm_vcpu_ioctl() and
+            // kvm_dev_ioctl() end in their arch defaults (EINVAL), the rest in ENOTTY.
+            switch f.kind {
+            case .vcpu:
+                _ = try vcpuFD(fd)  // EIO from another mm first
+                throw .EINVAL
+            case .kvmDevice: throw .EINVAL
+            case .vm:
+                _ = try vmFD(fd)
+                throw .ENOTTY
+            case .guestMemfd, .memfd: throw .ENOTTY
+            }
         }
         if flags != 0 { throw .EINVAL }
         if !vms[vm]!.type.hasPrivateMemory { throw .EINVAL }

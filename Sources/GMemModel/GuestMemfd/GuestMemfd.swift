@@ -112,20 +112,25 @@ extension Kernel {
     /// fallocate(2) on any file: the VFS checks, then the file's own.
     public mutating func fallocate(_ fd: Int32, mode: UInt32, offset: UInt64, length: UInt64) throws(Errno) {
         let (_, f) = try file(fd)
-        try vfsFallocateChecks(mode: mode, offset: offset, length: length)
+        let regular: Bool
+        switch f.kind {
+        case .guestMemfd, .memfd: regular = true
+        case .kvmDevice, .vm, .vcpu: regular = false  // anonymous-inode files
+        }
+        try vfsFallocateChecks(mode: mode, offset: offset, length: length, regular: regular)
         switch f.kind {
         case .guestMemfd(let ino):
             try gmemFallocate(ino, mode: mode, offset: offset, length: length)
         case .memfd(let ino):
             try shmemFallocate(ino, mode: mode, offset: offset, length: length)
         case .kvmDevice, .vm, .vcpu:
-            // Anonymous-inode files that are not regular files.
-            throw .ENODEV
+            throw .ENODEV  // not reached: vfsFallocateChecks refused them
         }
     }
 
-    /// vfs_fallocate()'s checks, in its order.
-    func vfsFallocateChecks(mode: UInt32, offset: UInt64, length: UInt64) throws(Errno) {
+    /// vfs_fallocate()'s checks, in its order: a file that is not regular is ENODEV
+    /// before the size is checked against s_maxbytes.
+    func vfsFallocateChecks(mode: UInt32, offset: UInt64, length: UInt64, regular: Bool) throws(Errno) {
         let off = Int64(bitPattern: offset)
         let len = Int64(bitPattern: length)
         if off < 0 || len <= 0 { throw .EINVAL }
@@ -144,6 +149,7 @@ extension Kernel {
         default:
             throw .EOPNOTSUPP
         }
+        if !regular { throw .ENODEV }
         // offset + len beyond s_maxbytes (or wrapping) is EFBIG.
         let (sum, overflow) = offset.addingReportingOverflow(length)
         if overflow || sum > UAPI.MAX_LFS_FILESIZE { throw .EFBIG }
@@ -395,12 +401,13 @@ extension Kernel {
     }
 
     /// ftruncate(2): guest_memfd's setattr refuses every size change (EINVAL).
+    /// do_sys_ftruncate() refuses a negative length before it looks the fd up.
     public mutating func ftruncate(_ fd: Int32, size: UInt64) throws(Errno) {
+        if Int64(bitPattern: size) < 0 { throw .EINVAL }
         let (_, f) = try file(fd)
         switch f.kind {
         case .guestMemfd, .kvmDevice, .vm, .vcpu: throw .EINVAL
         case .memfd(let ino):
-            if Int64(bitPattern: size) < 0 { throw .EINVAL }
             shmemTruncate(ino, size: size)
         }
     }

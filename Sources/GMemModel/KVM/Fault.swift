@@ -65,6 +65,12 @@ extension Kernel {
             let vpn = (slot.userspaceAddr >> UAPI.pageShift) + (gfn - slot.baseGfn)
             // KVM reaches userspace_addr with GUP, which secretmem refuses.
             if isOutsideDirectMap(vpn) { throw .failed(.EFAULT) }
+            // hva_to_pfn(): GUP-fast (FOLL_WRITE) takes a page whose PTE is present and
+            // writable whatever the VMA says; the slow path's check_vma_flags() wants
+            // VM_READ for a read fault, so a write-only or exec-only VMA is EFAULT there.
+            if !write, let vma = mm.vmas.value(at: vpn), !vma.prot.contains(.read), mm.ptes[vpn]?.writable != true {
+                throw .failed(.EFAULT)
+            }
             do {
                 pfn = try hostFault(vpn: vpn, write: write)
             } catch {
