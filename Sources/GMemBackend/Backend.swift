@@ -268,8 +268,12 @@ public struct HostProfile: Hashable, Sendable {
     public var inPlace: Bool
     /// KVM_MAX_VCPU_IDS (KVM_CAP_MAX_VCPU_ID).
     public var maxVCPUIDs: UInt32
-    public init(vmTypes: UInt64, memoryAttributes: Bool, tdp: Bool, inPlace: Bool, maxVCPUIDs: UInt32) {
-        (self.vmTypes, self.memoryAttributes, self.tdp, self.inPlace, self.maxVCPUIDs) = (vmTypes, memoryAttributes, tdp, inPlace, maxVCPUIDs)
+    /// What private writable mappings may commit, in bytes: RAM + swap under the
+    /// overcommit heuristic, UInt64.max with overcommit_memory = 1.
+    public var commitLimit: UInt64
+    public init(vmTypes: UInt64, memoryAttributes: Bool, tdp: Bool, inPlace: Bool, maxVCPUIDs: UInt32, commitLimit: UInt64) {
+        (self.vmTypes, self.memoryAttributes, self.tdp, self.inPlace) = (vmTypes, memoryAttributes, tdp, inPlace)
+        (self.maxVCPUIDs, self.commitLimit) = (maxVCPUIDs, commitLimit)
     }
 }
 

@@ -104,7 +104,7 @@ public final class KernelBackend: Backend {
         return HostProfile(
             vmTypes: max(capability(.vmTypes), 1), memoryAttributes: capability(.memoryAttributes) != 0,
             tdp: capability(.preFaultMemory) != 0, inPlace: capability(.guestMemfdMemoryAttributes) != 0,
-            maxVCPUIDs: ids > 0 && ids <= UInt64(UInt32.max) ? UInt32(ids) : 1024)
+            maxVCPUIDs: ids > 0 && ids <= UInt64(UInt32.max) ? UInt32(ids) : 1024, commitLimit: MemoryBudget.commitLimit())
     }
 
     /// A capability of /dev/kvm, or 0 where the kernel does not know it.

@@ -24,17 +24,35 @@ public struct MemoryBudget: Sendable {
     }
 
     /// MemAvailable from /proc/meminfo, in bytes.
-    public static func availableBytes() -> UInt64? {
+    public static func availableBytes() -> UInt64? { meminfo("MemAvailable") }
+
+    /// What the overcommit heuristic lets a private writable mapping commit: RAM +
+    /// swap (overcommit_memory 0 or 2), unlimited with overcommit_memory 1.
+    public static func commitLimit() -> UInt64 {
+        if firstLine("/proc/sys/vm/overcommit_memory") == "1" { return UInt64.max }
+        return (meminfo("MemTotal") ?? (64 << 30)) + (meminfo("SwapTotal") ?? 0)
+    }
+
+    /// A /proc/meminfo field, in bytes.
+    static func meminfo(_ field: String) -> UInt64? {
         guard let f = fopen("/proc/meminfo", "r") else { return nil }
         defer { fclose(f) }
         var line = [CChar](repeating: 0, count: 256)
         while fgets(&line, Int32(line.count), f) != nil {
             let text = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-            guard text.hasPrefix("MemAvailable:") else { continue }
-            let digits = text.dropFirst("MemAvailable:".count).filter(\.isNumber)
-            return UInt64(digits).map { $0 * 1024 }
+            guard text.hasPrefix(field + ":") else { continue }
+            return UInt64(text.dropFirst(field.count + 1).filter(\.isNumber)).map { $0 * 1024 }
         }
         return nil
+    }
+
+    /// The first line of a small file, without its newline.
+    static func firstLine(_ path: String) -> String? {
+        guard let f = fopen(path, "r") else { return nil }
+        defer { fclose(f) }
+        var line = [CChar](repeating: 0, count: 64)
+        guard fgets(&line, Int32(line.count), f) != nil else { return nil }
+        return String(decoding: line.prefix { $0 != 0 && $0 != 10 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
     /// Charges `bytes` for `what`, or says why not (the budget left and the flag).

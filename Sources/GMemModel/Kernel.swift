@@ -22,6 +22,9 @@ public struct ModelConfig: Hashable, Sendable {
     public var bindingOwnership: BindingOwnership = .fileHoldsVM
     /// GUEST_MEMFD_FLAG_NO_DIRECT_MAP is offered (not in 6.18: see `.next`).
     public var noDirectMap = false
+    /// What private writable mappings may commit (the overcommit heuristic's RAM +
+    /// swap), in bytes; UInt64.max with overcommit_memory = 1.
+    public var commitLimit: UInt64 = 64 << 30
     /// KVM_MAX_VCPU_IDS (KVM_CAP_MAX_VCPU_ID): 4 x CONFIG_KVM_MAX_NR_VCPUS on x86.
     public var maxVCPUIDs: UInt32 = 16384
     /// The most bytes one step may return; larger results are refused (not a kernel
@@ -52,6 +55,7 @@ public struct ModelConfig: Hashable, Sendable {
         c.tdp = profile.tdp
         c.inPlaceConversion = profile.inPlace
         c.maxVCPUIDs = profile.maxVCPUIDs
+        c.commitLimit = profile.commitLimit
         return c
     }
 

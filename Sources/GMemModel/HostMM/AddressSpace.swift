@@ -38,7 +38,25 @@ struct AddressSpace: Hashable {
     var vmas = RangeMap<VMA?>(nil)
     var ptes = PageMap<PTE>()
     /// Where the next mmap without a hint goes (grows upwards, one guard page apart).
-    var nextVPN: UInt64 = 0x7f00_0000_0000 >> UAPI.pageShift
+    var nextVPN: UInt64 = AddressSpace.mmapBase
+    /// Where mappings go that do not fit above `nextVPN` under TASK_SIZE (grows down).
+    var lowVPN: UInt64 = AddressSpace.mmapBase
+
+    static let mmapBase: UInt64 = 0x7f00_0000_0000 >> UAPI.pageShift
+    /// mmap_min_addr: no mapping starts below 64 KiB.
+    static let minVPN: UInt64 = 0x10000 >> UAPI.pageShift
+
+    /// get_unmapped_area() for `pages` pages: the start of a free range, or nil when
+    /// none is left under TASK_SIZE. `take` commits it.
+    func unmappedArea(pages: UInt64) -> UInt64? {
+        if nextVPN + pages + 1 <= UAPI.TASK_SIZE_MAX >> UAPI.pageShift { return nextVPN }
+        guard lowVPN >= pages + 1 + Self.minVPN else { return nil }
+        return lowVPN - pages - 1
+    }
+
+    mutating func take(_ start: UInt64, pages: UInt64) {
+        if start == nextVPN { nextVPN += pages + 1 } else { lowVPN = start }
+    }
 }
 
 /// A host process: its fd table and its mm.
@@ -69,8 +87,9 @@ extension Kernel {
         if length == 0 { throw .EINVAL }
         let (rounded, overflow) = length.addingReportingOverflow(UAPI.pageSize - 1)
         if overflow { throw .ENOMEM }  // PAGE_ALIGN(len) wrapped to 0
-        if rounded > UAPI.TASK_SIZE_MAX { throw .ENOMEM }  // get_unmapped_area()
+        if rounded > UAPI.TASK_SIZE_MAX { throw .ENOMEM }
         let pages = rounded >> UAPI.pageShift
+        guard let start = mm.unmappedArea(pages: pages) else { throw .ENOMEM }  // get_unmapped_area()
         let pgoff = offset >> UAPI.pageShift
 
         let backing: VMABacking
@@ -83,14 +102,19 @@ extension Kernel {
             case .kvmDevice, .vm, .vcpu:
                 break
             }
+            // mmap_region() accounts a private writable file mapping before the file's
+            // mmap op runs (overcommit heuristic: more than RAM + swap is ENOMEM).
+            let accounted = !shared && prot.contains(.write) && pages << UAPI.pageShift > config.commitLimit
             switch f.kind {
             case .guestMemfd(let ino):
                 // guest_memfd's mount is noexec: do_mmap refuses VM_EXEC first.
                 if prot.contains(.exec) { throw .EPERM }
+                if accounted { throw .ENOMEM }
                 guard gmemInodes[ino]!.supportsMmap else { throw .ENODEV }
                 guard shared else { throw .EINVAL }
                 backing = .file(fileID: fileID, object: .guestMemfd(ino))
             case .memfd(let ino):
+                if accounted { throw .ENOMEM }
                 backing = .file(fileID: fileID, object: .shmem(ino))
             case .kvmDevice, .vm:
                 // Anonymous-inode files live on a noexec mount and have no mmap.
@@ -105,8 +129,7 @@ extension Kernel {
         } else {
             backing = .anonymous
         }
-        let start = mm.nextVPN
-        mm.nextVPN += pages + 1
+        mm.take(start, pages: pages)
         let vma = VMA(id: newID(), start: start, backing: backing, pgoff: pgoff, prot: prot, shared: shared)
         mm.vmas.set(start..<start + pages, to: vma)
         counters.vmasCreated += 1

@@ -12,8 +12,9 @@ public struct FuzzScope: Hashable, Sendable {
     public var memoryFailure = false
     /// check_invariants steps (model only).
     public var invariants = false
-    /// Host accesses that run past a mapping's end. Off against a real kernel: what
-    /// lies there is whatever that process mapped next, not something to compare.
+    /// Host accesses, and memslots over a mapping, that run past the mapping's end.
+    /// Off against a real kernel: what lies there is whatever that process mapped
+    /// next, not something to compare.
     public var pastMappingEnds = false
 
     public init() {}
@@ -227,6 +228,8 @@ public struct FuzzGenerator {
         var uaddr: JSON = .int(0)
         if let m = maps.isEmpty ? nil : FuzzValues.pick(&r, maps), FuzzValues.chance(&r, 60) {
             uaddr = .string(m.name)
+            // Past the mapping's end lies whatever the process mapped next (see `pastMappingEnds`).
+            if !scope.pastMappingEnds && size > m.len { size = max(m.len & ~4095, 4096) }
         } else if FuzzValues.chance(&r, 10) {
             uaddr = FuzzValues.hex(FuzzValues.pick(&r, [1, 0x1000_0000_0000, (1 << 47) - 4096, 0xffff_8000_0000_0000]))
         }
