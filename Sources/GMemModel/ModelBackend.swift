@@ -26,6 +26,8 @@ public final class ModelBackend: Backend {
         return try body()
     }
 
+    static let kvmRunPages = "a vCPU mapping's kvm_run, PIO and coalesced-MMIO pages hold KVM's bytes, which the model does not keep"
+
     public func missing(_ feature: Feature) -> String? {
         let c = kernel.config
         switch feature {
@@ -121,10 +123,12 @@ public final class ModelBackend: Backend {
         try run { k throws(Errno) in try k.munmap(mapping) }
     }
     public func hostWrite(address: UInt64, bytes: [UInt8]) throws(BackendError) -> HostAccess {
-        try run(.writes) { k in k.hostAccess(address: address, count: UInt64(bytes.count), write: bytes) }
+        if kernel.touchesKVMRunPages(address: address, count: UInt64(bytes.count)) { throw .unsupported(Self.kvmRunPages) }
+        return try run(.writes) { k in k.hostAccess(address: address, count: UInt64(bytes.count), write: bytes) }
     }
     public func hostRead(address: UInt64, count: UInt64) throws(BackendError) -> HostAccess {
         if let why = Limits.transferRefusal(count, limit: kernel.config.transferLimit, what: "a host read") { throw .unsupported(why) }
+        if kernel.touchesKVMRunPages(address: address, count: count) { throw .unsupported(Self.kvmRunPages) }
         return try run { k in k.hostAccess(address: address, count: count, write: nil) }
     }
     public func setUserMemoryRegion2(vm: FD, _ region: UserMemoryRegion2) throws(BackendError) {

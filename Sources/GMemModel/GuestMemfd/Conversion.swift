@@ -200,6 +200,7 @@ extension Kernel {
         switch object {
         case .shmem(let ino): return shmemInodes[ino]!.secret
         case .guestMemfd(let ino): return gmemInodes[ino]!.noDirectMap
+        case .kvmRun: return false
         }
     }
 

@@ -11,6 +11,9 @@ enum VMABacking: Hashable {
 enum MappedObject: Hashable {
     case guestMemfd(UInt64)
     case shmem(UInt64)
+    /// A vCPU's pages (kvm_vcpu_mmap): kvm_run at pgoff 0, the PIO page at 1, the
+    /// coalesced-MMIO ring at 2; any other offset faults with SIGBUS.
+    case kvmRun(vcpuFile: UInt64)
 }
 
 /// struct vm_area_struct.
@@ -121,9 +124,10 @@ extension Kernel {
                 if prot.contains(.exec) { throw .EPERM }
                 throw .ENODEV
             case .vcpu:
-                // The kvm_run page; not modelled as memory the scenarios touch.
+                // kvm_vcpu_mmap() maps the vCPU's pages at any offset (the dirty ring,
+                // the only offsets it checks, is not enabled by any scenario).
                 if prot.contains(.exec) { throw .EPERM }
-                throw .ENODEV
+                backing = .file(fileID: fileID, object: .kvmRun(vcpuFile: fileID))
             }
             getFile(fileID)
         } else {
@@ -244,6 +248,11 @@ extension Kernel {
                 pfn = cache
                 writable = false
             }
+        case .file(_, .kvmRun):
+            // kvm_vcpu_fault(): pages past the coalesced-MMIO ring are SIGBUS. The three
+            // before it are KVM's own; the model does not keep their bytes (direct host
+            // accesses to them are refused before they get here, see kvmRunPages).
+            throw .sigbus(vpn: vpn)
         }
         if let old = mm.ptes[vpn], old.pfn == pfn {
             mm.ptes[vpn]!.writable = writable
@@ -253,6 +262,20 @@ extension Kernel {
         phys[pfn].mapcount += 1
         mm.ptes[vpn] = PTE(pfn: pfn, writable: writable)
         return pfn
+    }
+
+    /// Whether [address, address + count) touches one of a vCPU mapping's first three
+    /// pages (kvm_run, PIO, coalesced MMIO), whose bytes are KVM's and not modelled.
+    public func touchesKVMRunPages(address: UInt64, count: UInt64) -> Bool {
+        guard count > 0 else { return false }
+        let (end, overflow) = address.addingReportingOverflow(count)
+        let last = overflow ? UInt64.max >> UAPI.pageShift : (end - 1) >> UAPI.pageShift
+        var touches = false
+        mm.vmas.forEachRun(in: (address >> UAPI.pageShift)..<last + 1) { run, vma in
+            if let vma, case .file(_, .kvmRun) = vma.backing, vma.pgoff(ofPage: run.lowerBound) < 3 { touches = true }
+            return !touches
+        }
+        return touches
     }
 
     /// kvm_gmem_fault_user_mapping(): SIGBUS past EOF, on private memory (mainline: the
