@@ -53,7 +53,7 @@ final class GuestHarness {
 
     /// Maps the helper memory and registers it as memslot `slot` of `vmFD`.
     init(vmFD: Int32, slot: UInt32) throws(BackendError) {
-        let addr = ckvm_mmap(nil, Self.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        let addr = ckvm_mmap(OwnMappings.hint(Self.size), Self.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         guard addr > 0, let p = UnsafeMutableRawPointer(bitPattern: addr) else { throw .errno(Errno(rawValue: Int32(-addr))) }
         memory = p
         self.slot = slot

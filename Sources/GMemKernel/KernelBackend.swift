@@ -170,7 +170,7 @@ public final class KernelBackend: Backend {
     public func createVCPU(vm: FD, id: UInt32) throws(BackendError) -> FD {
         let vmFD = real(vm)
         let fd = try adopt(ckvm_ioctl_val(vmFD, CKVM_CREATE_VCPU, UInt(id)))
-        let addr = try check(ckvm_mmap(nil, UInt64(runSize), PROT_READ | PROT_WRITE, MAP_SHARED, fd.raw, 0))
+        let addr = try check(ckvm_mmap(OwnMappings.hint(UInt64(runSize)), UInt64(runSize), PROT_READ | PROT_WRITE, MAP_SHARED, fd.raw, 0))
         let p = UnsafeMutableRawPointer(bitPattern: addr)!
         let dup = Glibc.dup(vmFD)
         vcpus[fd.raw] = VCPU(fd: fd.raw, vmFD: dup, vm: vms[vmFD] ?? VMRecord(), run: p, runSize: runSize)
@@ -248,7 +248,7 @@ public final class KernelBackend: Backend {
         }
         if let why = Limits.transferRefusal(most, limit: transferLimit, what: "a read") { throw .unsupported(why) }
         let length = count > UAPI.TASK_SIZE_MAX ? 4096 : count
-        let addr = ckvm_mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        let addr = ckvm_mmap(OwnMappings.hint(length), length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         guard addr > 0, let buf = UnsafeMutableRawPointer(bitPattern: addr) else {
             throw .unsupported("could not reserve a \(count)-byte read buffer")
         }

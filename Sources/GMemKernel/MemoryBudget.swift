@@ -67,6 +67,19 @@ public struct MemoryBudget: Sendable {
     }
 }
 
+/// Where the backend's own mappings go (the guest harness, vCPUs' kvm_run pages, large
+/// read buffers): a region far below the mmap base, so none lands in a range a
+/// scenario just unmapped while a memslot still names it (that memslot must keep
+/// faulting, as in a VMM). The kernel honours a free hint and picks elsewhere if not.
+enum OwnMappings {
+    nonisolated(unsafe) private static var cursor: UInt64 = 0x2000_0000_0000
+
+    static func hint(_ length: UInt64) -> UnsafeMutableRawPointer? {
+        defer { cursor &+= ((length + (1 << 21) - 1) & ~((1 << 21) - 1)) + (1 << 21) }
+        return UnsafeMutableRawPointer(bitPattern: UInt(cursor))
+    }
+}
+
 /// The host mappings a backend made, so that it can unmap what a scenario left
 /// mapped when it is done: [address, address + length) ranges, split on munmap.
 struct MappingLedger {
