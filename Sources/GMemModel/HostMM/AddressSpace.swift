@@ -97,14 +97,15 @@ extension Kernel {
 
         let backing: VMABacking
         if let (fileID, f) = opened {
+            // file_mmap_ok(): a regular file maps at most MAX_LFS_FILESIZE bytes, offset
+            // included; any other file (KVM's anonymous inodes) ULONG_MAX.
+            let limit: UInt64
             switch f.kind {
-            case .guestMemfd, .memfd:
-                // file_mmap_ok(): a regular file maps at most MAX_LFS_FILESIZE bytes.
-                let bytes = pages << UAPI.pageShift
-                if bytes > UAPI.MAX_LFS_FILESIZE || pgoff > (UAPI.MAX_LFS_FILESIZE - bytes) >> UAPI.pageShift { throw .EOVERFLOW }
-            case .kvmDevice, .vm, .vcpu:
-                break
+            case .guestMemfd, .memfd: limit = UAPI.MAX_LFS_FILESIZE
+            case .kvmDevice, .vm, .vcpu: limit = UInt64.max
             }
+            let bytes = pages << UAPI.pageShift
+            if bytes > limit || pgoff > (limit - bytes) >> UAPI.pageShift { throw .EOVERFLOW }
             // mmap_region() accounts a private writable file mapping before the file's
             // mmap op runs (overcommit heuristic: more than RAM + swap is ENOMEM).
             let accounted = !shared && prot.contains(.write) && pages << UAPI.pageShift > config.commitLimit
@@ -419,7 +420,7 @@ extension Kernel {
 extension Kernel {
     /// mprotect(2): changes the protection of [address, address + length). Removing
     /// write access write-protects the PTEs (secondary MMUs are told first); adding
-    /// exec to a mapping of a noexec mount's file (guest_memfd) is EACCES; any page
+    /// exec to a mapping of a noexec mount's file (guest_memfd, a vCPU) is EACCES; any page
     /// without a VMA is ENOMEM.
     public mutating func mprotect(address: UInt64, length: UInt64, prot: Protection) throws(Errno) {
         if address & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
@@ -435,7 +436,12 @@ extension Kernel {
         }
         if hole { throw .ENOMEM }
         for (_, vma) in runs {
-            if prot.contains(.exec), case .file(_, .guestMemfd) = vma.backing { throw .EACCES }
+            // Files on noexec mounts (guest_memfd, KVM's anonymous inodes) lost VM_MAYEXEC.
+            guard prot.contains(.exec), case .file(_, let object) = vma.backing else { continue }
+            switch object {
+            case .guestMemfd, .kvmRun: throw .EACCES
+            case .shmem: break
+            }
         }
         if !prot.contains(.write) {
             mmuNotifierInvalidate(pid: currentPID, range)

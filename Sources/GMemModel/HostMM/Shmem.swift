@@ -2,29 +2,38 @@ import GMemBackend
 
 /// A shmem inode behind memfd_create(2): ordinary shared memory with read/write.
 ///
-/// Pages that hold bytes have a frame in `pages`; `allocated` marks every page that
-/// counts as allocated (faulted, written or fallocated), so fallocate, punch and
-/// truncate cost the runs and frames they touch, never the size of their range.
+/// Pages that hold bytes have a frame in `pages`; `state` says of every page whether it
+/// is allocated and uptodate, so fallocate, punch and truncate cost the runs and frames
+/// they touch, never the size of their range.
 struct ShmemInode: Hashable {
     var size: UInt64
     var pages: [UInt64: UInt64] = [:]
-    /// Pages allocated (with or without a frame yet): the inode's i_blocks.
-    var allocated = RangeMap(false)
+    /// Each page's folio state; allocated pages (either kind) are the inode's i_blocks.
+    var state = RangeMap(ShmemPage.hole)
     var refs = 1
     /// secretmem: not in the kernel's direct map, so GUP refuses it (EFAULT).
     var secret = false
 
     /// Allocated pages (st_blocks / 8).
     ///
-    /// - Complexity: O(runs of `allocated`).
+    /// - Complexity: O(runs of `state`).
     var allocatedPages: UInt64 {
         var n: UInt64 = 0
-        allocated.forEachRun(in: 0..<UInt64.max) { r, v in
-            if v { n += UInt64(r.count) }
+        state.forEachRun(in: 0..<UInt64.max) { r, v in
+            if v != .hole { n += UInt64(r.count) }
             return true
         }
         return n
     }
+}
+
+/// A shmem page's folio: none, fallocated but not uptodate (it reads as zeros and is a
+/// hole to SEEK_DATA), or uptodate (written, faulted, or fallocated a second time:
+/// SGP_FALLOC on a fallocated folio clears it and marks it uptodate).
+enum ShmemPage: Hashable {
+    case hole
+    case fallocated
+    case uptodate
 }
 
 extension Kernel {
@@ -47,7 +56,7 @@ extension Kernel {
         if let pfn = shmemInodes[ino]!.pages[pgoff] { return pfn }
         let pfn = phys.allocate()
         shmemInodes[ino]!.pages[pgoff] = pfn
-        shmemInodes[ino]!.allocated.set(pgoff..<pgoff + 1, to: true)
+        shmemInodes[ino]!.state.set(pgoff..<pgoff + 1, to: .uptodate)
         return pfn
     }
 
@@ -84,14 +93,18 @@ extension Kernel {
         if mode & ~(UAPI.FALLOC_FL_KEEP_SIZE | UAPI.FALLOC_FL_PUNCH_HOLE) != 0 { throw .EOPNOTSUPP }
         let end = offset + length
         if mode & UAPI.FALLOC_FL_PUNCH_HOLE != 0 {
-            shmemZeroRange(ino, offset: offset, end: min(end, shmemInodes[ino]!.size))
+            // shmem_truncate_range() over the whole hole: pages fallocated past EOF go too.
+            shmemZeroRange(ino, offset: offset, end: end)
             return
         }
         // shmem_fallocate() allocates every page now; the model marks the range and
         // gives a page its frame when it is first touched (its bytes are zero until then).
         let first = offset >> UAPI.pageShift
         let last = (end + UAPI.pageSize - 1) >> UAPI.pageShift
-        shmemInodes[ino]!.allocated.set(first..<last, to: true)
+        // Pages already fallocated become uptodate; holes become fallocated.
+        for run in shmemInodes[ino]!.state.runs(in: first..<last) where run.value != .uptodate {
+            shmemInodes[ino]!.state.set(run.range, to: run.value == .hole ? .fallocated : .uptodate)
+        }
         if mode & UAPI.FALLOC_FL_KEEP_SIZE == 0 && end > shmemInodes[ino]!.size {
             shmemInodes[ino]!.size = end
         }
@@ -111,7 +124,7 @@ extension Kernel {
             for pgoff in victims {
                 if let pfn = shmemInodes[ino]!.pages.removeValue(forKey: pgoff) { phys.put(pfn) }
             }
-            shmemInodes[ino]!.allocated.set(whole, to: false)
+            shmemInodes[ino]!.state.set(whole, to: .hole)
         }
         // Partial pages at either end keep their frame and lose the bytes in range.
         for (from, to) in [(offset, min(end, firstWhole << UAPI.pageShift)), (max(offset, lastWhole << UAPI.pageShift), end)]
@@ -135,29 +148,21 @@ extension Kernel {
     }
 
     /// shmem_file_llseek() with SEEK_DATA or SEEK_HOLE: the next byte at or after
-    /// `offset` in a page that holds data (written or faulted: uptodate; a page only
-    /// fallocated is not, and counts as a hole), or in one that does not; EOF counts as
+    /// `offset` in a page that holds data (uptodate: written, faulted, or fallocated
+    /// twice; a page fallocated once is not, and counts as a hole), or in one that does not; EOF counts as
     /// a hole. An offset outside [0, i_size) is ENXIO, and so is SEEK_DATA with no data
     /// after it.
     ///
-    /// - Complexity: O(f) for the f pages with frames.
+    /// - Complexity: O(log r + k) for the k runs of `state` it passes.
     func shmemSeekData(_ ino: UInt64, offset: Int64, hole: Bool) throws(Errno) -> UInt64 {
         let inode = shmemInodes[ino]!
         guard offset >= 0, UInt64(offset) < inode.size else { throw .ENXIO }
         let start = UInt64(offset)
-        let first = start >> UAPI.pageShift
-        let page: UInt64?
-        if hole {
-            var p = first
-            while inode.pages[p] != nil { p += 1 }  // ends: at most f pages hold data
-            page = p
-        } else {
-            page = inode.pages.keys.filter { $0 >= first }.min()
-        }
-        guard let page, page << UAPI.pageShift < inode.size else {
+        let pages = (inode.size + UAPI.pageSize - 1) >> UAPI.pageShift
+        guard let page = inode.state.firstIndex(in: (start >> UAPI.pageShift)..<pages, where: { ($0 == .uptodate) != hole }) else {
             if hole { return inode.size }
             throw .ENXIO
         }
-        return max(page << UAPI.pageShift, start)
+        return min(max(page << UAPI.pageShift, start), inode.size)
     }
 }
