@@ -40,25 +40,25 @@ struct PTE: Hashable {
 struct AddressSpace: Hashable {
     var vmas = RangeMap<VMA?>(nil)
     var ptes = PageMap<PTE>()
-    /// Where the next mmap without a hint goes (grows upwards, one guard page apart).
-    var nextVPN: UInt64 = AddressSpace.mmapBase
-    /// Where mappings go that do not fit above `nextVPN` under TASK_SIZE (grows down).
-    var lowVPN: UInt64 = AddressSpace.mmapBase
-
+    /// The top of the mmap area: mappings go below it, the newest lowest, as the
+    /// kernel's top-down allocator places them.
     static let mmapBase: UInt64 = 0x7f00_0000_0000 >> UAPI.pageShift
     /// mmap_min_addr: no mapping starts below 64 KiB.
     static let minVPN: UInt64 = 0x10000 >> UAPI.pageShift
 
-    /// get_unmapped_area() for `pages` pages: the start of a free range, or nil when
-    /// none is left under TASK_SIZE. `take` commits it.
+    /// get_unmapped_area() for `pages` pages, top-down: the highest free gap below the
+    /// mmap base that holds them and a guard page above, so a range a munmap freed is
+    /// what the next mapping that fits takes (as on Linux, where a memslot that kept
+    /// its userspace_addr then reaches the new mapping). nil when nothing fits.
+    ///
+    /// - Complexity: O(r) for the r runs of the VMA map below the base.
     func unmappedArea(pages: UInt64) -> UInt64? {
-        if nextVPN + pages + 1 <= UAPI.TASK_SIZE_MAX >> UAPI.pageShift { return nextVPN }
-        guard lowVPN >= pages + 1 + Self.minVPN else { return nil }
-        return lowVPN - pages - 1
-    }
-
-    mutating func take(_ start: UInt64, pages: UInt64) {
-        if start == nextVPN { nextVPN += pages + 1 } else { lowVPN = start }
+        var best: UInt64?
+        vmas.forEachRun(in: Self.minVPN..<Self.mmapBase) { run, vma in
+            if vma == nil, UInt64(run.count) >= pages + 1 { best = run.upperBound - 1 - pages }
+            return true
+        }
+        return best
     }
 }
 
@@ -134,7 +134,6 @@ extension Kernel {
         } else {
             backing = .anonymous
         }
-        mm.take(start, pages: pages)
         let vma = VMA(id: newID(), start: start, backing: backing, pgoff: pgoff, prot: prot, shared: shared)
         mm.vmas.set(start..<start + pages, to: vma)
         counters.vmasCreated += 1
