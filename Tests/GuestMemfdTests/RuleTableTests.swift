@@ -220,5 +220,8 @@ struct RuleTableTests {
         #expect(errnoOf { () throws(Errno) in try k.preFaultMemory(vcpu: vcpu, gpa: 0, size: 4096, flags: 0) } == .ENOSPC)
         try k.setUserMemoryRegion2(vm: vm, UserMemoryRegion2(slot: 1, flags: 0, guestPhysAddr: 1 << 30, memorySize: 1 << 16, userspaceAddr: 0))
         #expect(errnoOf { () throws(Errno) in try k.preFaultMemory(vcpu: vcpu, gpa: 0, size: 4096, flags: 0) } == .EOPNOTSUPP)
+        try k.setUserMemoryRegion2(vm: vm, UserMemoryRegion2(slot: 1, flags: 0, guestPhysAddr: 1 << 30, memorySize: 0, userspaceAddr: 0))
+        #expect(errnoOf { () throws(Errno) in try k.preFaultMemory(vcpu: vcpu, gpa: 0, size: 4096, flags: 0) } == .EOPNOTSUPP,
+                "a VM that had a memslot stays EOPNOTSUPP after deleting it")
     }
 }

@@ -176,9 +176,10 @@ extension Kernel {
         let (end, overflow) = gpa.addingReportingOverflow(size)
         if overflow || end <= gpa { throw .EINVAL }
         // Shadow paging faults on GVAs; pre-faulting GPAs needs TDP. Loading the
-        // shadow MMU's roots fails first when the VM has no memslot at all (measured:
-        // ENOSPC on kvm-pvm hosts).
-        guard config.tdp else { throw vms[vm]!.memslots.isEmpty ? .ENOSPC : .EOPNOTSUPP }
+        // shadow MMU's roots fails first while the VM has never had a memslot
+        // (measured on kvm-pvm hosts: ENOSPC; once one was created, even if deleted
+        // since, EOPNOTSUPP).
+        guard config.tdp else { throw vms[vm]!.hadMemslot ? .EOPNOTSUPP : .ENOSPC }
         var cursor = gpa
         // At most this many pages a call, as if a signal came: the caller sees the
         // progress and calls again (the kernel stops the same way on a signal).

@@ -156,6 +156,7 @@ extension Kernel {
 
     mutating func insertMemslot(vm: UInt64, _ slot: Memslot) {
         vms[vm]!.memslots[slot.slot] = slot
+        vms[vm]!.hadMemslot = true
         vms[vm]!.slotByGfn.set(slot.gfns, to: slot.slot)
     }
 

@@ -57,6 +57,8 @@ struct VM: Hashable {
     /// users_count: the VM fd, each vCPU fd and each guest_memfd file.
     var refs = 1
     var memslots: [UInt32: Memslot] = [:]
+    /// A memslot was ever created (shadow paging's pre-fault answers differ before).
+    var hadMemslot = false
     /// The memslot covering each gfn (address space 0).
     var slotByGfn = RangeMap<UInt32?>(nil)
     /// KVM_SET_MEMORY_ATTRIBUTES state per gfn.
