@@ -271,9 +271,12 @@ public struct HostProfile: Hashable, Sendable {
     /// What private writable mappings may commit, in bytes: RAM + swap under the
     /// overcommit heuristic, UInt64.max with overcommit_memory = 1.
     public var commitLimit: UInt64
-    public init(vmTypes: UInt64, memoryAttributes: Bool, tdp: Bool, inPlace: Bool, maxVCPUIDs: UInt32, commitLimit: UInt64) {
+    /// kvm_gmem_bind() sums offset and size as a signed loff_t (6.18's bug).
+    public var bindOffsetWraps: Bool
+    public init(vmTypes: UInt64, memoryAttributes: Bool, tdp: Bool, inPlace: Bool, maxVCPUIDs: UInt32, commitLimit: UInt64,
+                bindOffsetWraps: Bool) {
         (self.vmTypes, self.memoryAttributes, self.tdp, self.inPlace) = (vmTypes, memoryAttributes, tdp, inPlace)
-        (self.maxVCPUIDs, self.commitLimit) = (maxVCPUIDs, commitLimit)
+        (self.maxVCPUIDs, self.commitLimit, self.bindOffsetWraps) = (maxVCPUIDs, commitLimit, bindOffsetWraps)
     }
 }
 

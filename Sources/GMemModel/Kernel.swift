@@ -22,6 +22,9 @@ public struct ModelConfig: Hashable, Sendable {
     public var bindingOwnership: BindingOwnership = .fileHoldsVM
     /// GUEST_MEMFD_FLAG_NO_DIRECT_MAP is offered (not in 6.18: see `.next`).
     public var noDirectMap = false
+    /// Linux 6.18's kvm_gmem_bind() bug: offset + size is a signed loff_t sum that can
+    /// wrap negative and pass the EOF check (mainline takes the offset unsigned).
+    public var bindOffsetWraps = false
     /// What private writable mappings may commit (the overcommit heuristic's RAM +
     /// swap), in bytes; UInt64.max with overcommit_memory = 1.
     public var commitLimit: UInt64 = 64 << 30
@@ -56,6 +59,7 @@ public struct ModelConfig: Hashable, Sendable {
         c.inPlaceConversion = profile.inPlace
         c.maxVCPUIDs = profile.maxVCPUIDs
         c.commitLimit = profile.commitLimit
+        c.bindOffsetWraps = profile.bindOffsetWraps
         return c
     }
 
@@ -63,7 +67,7 @@ public struct ModelConfig: Hashable, Sendable {
     /// kvm-pvm, shadow paging, default VMs only, no memory attributes.
     public static let pvmHost = ModelConfig(
         supportedVMTypes: 0b1, memoryAttributesIoctl: false, tdp: false, maxPhysAddrBits: 52,
-        addressSpaces: 1, inPlaceConversion: false, maxVCPUIDs: 4096)
+        addressSpaces: 1, inPlaceConversion: false, bindOffsetWraps: true, maxVCPUIDs: 4096)
 }
 
 /// What the system did, counted: the policy comparison's columns.

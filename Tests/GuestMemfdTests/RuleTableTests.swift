@@ -1,4 +1,5 @@
 import GMemBackend
+import GMemScenario
 import Testing
 
 @testable import GMemModel
@@ -205,6 +206,29 @@ struct RuleTableTests {
         let vm2 = try n.createVM(type: 0)
         #expect(try n.checkExtension(on: vm2, .guestMemfdFlags) == 7)
         _ = try n.createGuestMemfd(on: vm2, size: 4096, flags: 7)
+    }
+
+    /// Linux 6.18's bind bug: the offset + size check wraps as a signed loff_t. The
+    /// pvm-host profile (6.18) reproduces it; mainline refuses the offset.
+    @Test(arguments: [(ModelConfig.mainline, Errno.EINVAL as Errno?), (ModelConfig.pvmHost, nil)])
+    func bindOffsetNear2To63(_ config: ModelConfig, _ expected: Errno?) throws {
+        var k = Kernel(config: config)
+        let (vm, gmem) = try k.vmWithGmem(size: 2 * M, flags: MMAP | INIT_SHARED)
+        let region = UserMemoryRegion2(slot: 1, flags: UAPI.KVM_MEM_GUEST_MEMFD, guestPhysAddr: G, memorySize: 16 * K,
+                                       userspaceAddr: 0, guestMemfdOffset: (1 << 63) - 4096, guestMemfd: UInt32(gmem))
+        #expect(errnoOf { () throws(Errno) in try k.setUserMemoryRegion2(vm: vm, region) } == expected)
+    }
+
+    /// The kernel-bug scenarios pass on the profile of the kernel that has the bug.
+    @Test func kernelBugScenariosPassOnTheirProfile() throws {
+        for path in scenarioFiles(repositoryRoot + "/scenarios/kernel-bugs") {
+            let scenario = try ScenarioParser.parse(text: readFile(path) ?? "", file: path)
+            var failures: [String] = []
+            _ = ScenarioRunner(backend: ModelBackend(config: .pvmHost, checkTransitions: true)).run(scenario) { r in
+                if r.status != .passed { failures.append("step \(r.index) \(r.op): \(r.message ?? "")") }
+            }
+            #expect(failures.isEmpty, "\(path): \(failures)")
+        }
     }
 
     @Test func pvmHostProfileMatchesTheProbe() throws {

@@ -145,7 +145,14 @@ extension Kernel {
         let size = npages << UAPI.pageShift
         if Int64(bitPattern: offset) < 0 || offset & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
         let (end, overflow) = offset.addingReportingOverflow(size)
-        if overflow || end > inode.size { throw .EINVAL }
+        if config.bindOffsetWraps {
+            // Linux 6.18 (a kernel bug): offset + size is computed as a signed loff_t, so
+            // an offset near 2^63 wraps negative, passes the EOF check, and binds pages
+            // past EOF that the guest can then read and write.
+            if Int64(bitPattern: offset) &+ Int64(bitPattern: size) > Int64(bitPattern: inode.size) { throw .EINVAL }
+        } else if overflow || end > inode.size {
+            throw .EINVAL
+        }
         let start = offset >> UAPI.pageShift
         if gmemFiles[fileID]!.bindings.firstIndex(in: start..<start + npages, where: { $0 != nil }) != nil {
             throw .EINVAL
