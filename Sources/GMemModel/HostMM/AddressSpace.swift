@@ -217,7 +217,9 @@ extension Kernel {
             if mm.ptes[vpn] != nil { return breakCOW(vpn) }
             pfn = phys.allocate()  // the PTE's reference
             phys[pfn].mapcount = 1
-            mm.ptes[vpn] = PTE(pfn: pfn, writable: writable)
+            // A read fault maps the zero page, read-only whatever the VMA allows; the
+            // first write breaks COW (here: the frame, ours alone, turns writable).
+            mm.ptes[vpn] = PTE(pfn: pfn, writable: writable && write)
             return pfn
         case .file(_, .guestMemfd(let ino)):
             pfn = try gmemFaultUserMapping(ino, pgoff: vma.pgoff(ofPage: vpn), vpn: vpn)
