@@ -122,6 +122,7 @@ extension Kernel {
         case .guestMemfd(let ino):
             try gmemFallocate(ino, mode: mode, offset: offset, length: length)
         case .memfd(let ino):
+            if shmemInodes[ino]!.secret { throw .EOPNOTSUPP }  // secretmem has no fallocate op
             try shmemFallocate(ino, mode: mode, offset: offset, length: length)
         case .kvmDevice, .vm, .vcpu:
             throw .ENODEV  // not reached: vfsFallocateChecks refused them
@@ -329,7 +330,7 @@ extension Kernel {
     /// read(2): guest_memfd and KVM files have no read op (EINVAL).
     public mutating func read(_ fd: Int32, count: UInt64) throws(Errno) -> [UInt8] {
         let (id, f) = try file(fd)
-        guard case .memfd(let ino) = f.kind else { throw .EINVAL }
+        guard case .memfd(let ino) = f.kind, !shmemInodes[ino]!.secret else { throw .EINVAL }  // secretmem: no read
         try rwVerifyArea(count: count, pos: f.position)
         let bytes = try shmemRead(ino, offset: f.position, count: count)
         files[id]!.position += UInt64(bytes.count)
@@ -339,7 +340,7 @@ extension Kernel {
     /// write(2).
     public mutating func write(_ fd: Int32, _ bytes: [UInt8]) throws(Errno) -> UInt64 {
         let (id, f) = try file(fd)
-        guard case .memfd(let ino) = f.kind else { throw .EINVAL }
+        guard case .memfd(let ino) = f.kind, !shmemInodes[ino]!.secret else { throw .EINVAL }  // secretmem: no write
         try rwVerifyArea(count: UInt64(bytes.count), pos: f.position)
         try shmemWrite(ino, offset: f.position, bytes)
         files[id]!.position += UInt64(bytes.count)
@@ -351,7 +352,7 @@ extension Kernel {
         // ksys_pread64() refuses a negative offset before it looks the fd up.
         if Int64(bitPattern: offset) < 0 { throw .EINVAL }
         let (_, f) = try file(fd)
-        guard case .memfd(let ino) = f.kind else { throw .ESPIPE }
+        guard case .memfd(let ino) = f.kind, !shmemInodes[ino]!.secret else { throw .ESPIPE }  // secretmem: no FMODE_PREAD
         try rwVerifyArea(count: count, pos: offset)
         return try shmemRead(ino, offset: offset, count: count)
     }
@@ -368,7 +369,7 @@ extension Kernel {
     public mutating func pwrite(_ fd: Int32, _ bytes: [UInt8], offset: UInt64) throws(Errno) -> UInt64 {
         if Int64(bitPattern: offset) < 0 { throw .EINVAL }
         let (_, f) = try file(fd)
-        guard case .memfd(let ino) = f.kind else { throw .ESPIPE }
+        guard case .memfd(let ino) = f.kind, !shmemInodes[ino]!.secret else { throw .ESPIPE }
         try rwVerifyArea(count: UInt64(bytes.count), pos: offset)
         try shmemWrite(ino, offset: offset, bytes)
         return UInt64(bytes.count)
@@ -382,6 +383,7 @@ extension Kernel {
         switch f.kind {
         case .guestMemfd: throw .ESPIPE
         case .kvmDevice, .vm, .vcpu: return f.position
+        case .memfd(let ino) where shmemInodes[ino]!.secret: throw .ESPIPE  // secretmem: no llseek
         case .memfd(let ino):
             let base: Int64
             switch whence {
@@ -408,6 +410,8 @@ extension Kernel {
         switch f.kind {
         case .guestMemfd, .kvmDevice, .vm, .vcpu: throw .EINVAL
         case .memfd(let ino):
+            // secretmem_setattr(): the size is set once.
+            if shmemInodes[ino]!.secret && shmemInodes[ino]!.size != 0 { throw .EINVAL }
             shmemTruncate(ino, size: size)
         }
     }

@@ -118,7 +118,10 @@ extension Kernel {
                 guard shared else { throw .EINVAL }
                 backing = .file(fileID: fileID, object: .guestMemfd(ino))
             case .memfd(let ino):
+                // secretmem: a noexec mount, and secretmem_mmap() wants MAP_SHARED.
+                if shmemInodes[ino]!.secret && prot.contains(.exec) { throw .EPERM }
                 if accounted { throw .ENOMEM }
+                if shmemInodes[ino]!.secret && !shared { throw .EINVAL }
                 backing = .file(fileID: fileID, object: .shmem(ino))
             case .kvmDevice, .vm:
                 // Anonymous-inode files live on a noexec mount and have no mmap.

@@ -12,17 +12,18 @@ public struct FuzzScope: Hashable, Sendable {
     public var memoryFailure = false
     /// check_invariants steps (model only).
     public var invariants = false
-    /// Host accesses, and memslots over a mapping, that run past the mapping's end.
-    /// Off against a real kernel: what lies there is whatever that process mapped
-    /// next, not something to compare.
-    public var pastMappingEnds = false
+    /// Steps whose answer depends on where the real process's other mappings lie: host
+    /// accesses and memslots that run past a mapping's end, a munmap under a memslot
+    /// (the stale userspace_addr then reaches whatever is mapped there next), memslots
+    /// over a vCPU's kvm_run pages (KVM's bytes). Off against a real kernel.
+    public var layoutDependent = false
 
     public init() {}
 
     /// Everything the model can run.
     public static var modelOnly: FuzzScope {
         var s = FuzzScope()
-        (s.processes, s.pins, s.iommu, s.memoryFailure, s.invariants, s.pastMappingEnds) = (true, true, true, true, true, true)
+        (s.processes, s.pins, s.iommu, s.memoryFailure, s.invariants, s.layoutDependent) = (true, true, true, true, true, true)
         return s
     }
 
@@ -30,7 +31,7 @@ public struct FuzzScope: Hashable, Sendable {
     public static func common(to backends: [any Backend]) -> FuzzScope {
         var s = FuzzScope.modelOnly
         s.invariants = backends.allSatisfy { $0.name == "model" }
-        s.pastMappingEnds = s.invariants
+        s.layoutDependent = s.invariants
         for b in backends {
             if b.missing(.processes) != nil { s.processes = false }
             if b.missing(.pins) != nil { s.pins = false }
@@ -54,6 +55,9 @@ public struct FuzzGenerator {
     /// guest_memfds and memfds with their sizes.
     var files: [(name: String, size: UInt64, gmem: Bool)] = []
     var maps: [(name: String, len: UInt64)] = []
+    /// Mappings a memslot uses as userspace_addr, and mappings of vCPU fds.
+    var slotMaps: Set<String> = []
+    var vcpuMaps: Set<String> = []
     /// Memslots made (VM, slot, gpa, size) so guest accesses land near them.
     var slots: [(vm: String, slot: UInt64, gpa: UInt64, size: UInt64)] = []
     var pins: [String] = []
@@ -121,7 +125,9 @@ public struct FuzzGenerator {
         case 50..<57: fileOp()
         case 57..<61: closeSomething()
         case 61..<64: createVCPU()
-        case 64..<67: checkExtension()
+        case 64..<66: checkExtension()
+        case 66: emit("enable_cap", ["vm": fd(vms), "cap": .string("exit_hypercall"),
+                                     "args": .int(FuzzValues.pick(&r, [0, 1 << 12, 1 << 13, (1 << 12) | 1] as [UInt64]))])
         case 67..<70: munmapOrMprotect()
         case 70..<74: attributes()
         case 74..<77: convert()
@@ -169,7 +175,11 @@ public struct FuzzGenerator {
     mutating func memfdCreate() {
         let name = fresh("memfd")
         let size = FuzzValues.chance(&r, 85) ? FuzzValues.pick(&r, [16384, 65536, 1 << 21]) : FuzzValues.fileSize(&r)
-        emit("memfd_create", ["size": FuzzValues.hex(size)], as: name)
+        if FuzzValues.chance(&r, 15) {
+            emit("memfd_create", ["size": FuzzValues.hex(size), "secret": .bool(true)], as: name)  // memfd_secret(2)
+        } else {
+            emit("memfd_create", ["size": FuzzValues.hex(size)], as: name)
+        }
         files.append((name, size, false))
     }
 
@@ -195,11 +205,12 @@ public struct FuzzGenerator {
                           "shared": .bool(shared)], as: name)
         }
         maps.append((name, len))
+        if case .string(let t) = target, vcpus.contains(t) { vcpuMaps.insert(name) }
     }
 
     mutating func munmapOrMprotect() {
         guard let m = maps.isEmpty ? nil : FuzzValues.pick(&r, maps) else { return mmap() }
-        if FuzzValues.chance(&r, 50) {
+        if FuzzValues.chance(&r, 50) && (scope.layoutDependent || !slotMaps.contains(m.name)) {
             emit("munmap", ["map": .string(m.name)])
         } else {
             let prot = FuzzValues.pick(&r, [["read"], ["read", "write"], [], ["read", "exec"], ["write"]])
@@ -226,10 +237,12 @@ public struct FuzzGenerator {
         var flags: [JSON] = useGmem ? [.string("guest_memfd")] : []
         if FuzzValues.chance(&r, 8) { flags.append(.string(FuzzValues.pick(&r, ["readonly", "log_dirty_pages"]))) }
         var uaddr: JSON = .int(0)
-        if let m = maps.isEmpty ? nil : FuzzValues.pick(&r, maps), FuzzValues.chance(&r, 60) {
+        let candidates = scope.layoutDependent ? maps : maps.filter { !vcpuMaps.contains($0.name) }
+        if let m = candidates.isEmpty ? nil : FuzzValues.pick(&r, candidates), FuzzValues.chance(&r, 60) {
             uaddr = .string(m.name)
-            // Past the mapping's end lies whatever the process mapped next (see `pastMappingEnds`).
-            if !scope.pastMappingEnds && size > m.len { size = max(m.len & ~4095, 4096) }
+            slotMaps.insert(m.name)
+            // Past the mapping's end lies whatever the process mapped next (see `layoutDependent`).
+            if !scope.layoutDependent && size > m.len { size = max(m.len & ~4095, 4096) }
         } else if FuzzValues.chance(&r, 10) {
             uaddr = FuzzValues.hex(FuzzValues.pick(&r, [1, 0x1000_0000_0000, (1 << 47) - 4096, 0xffff_8000_0000_0000]))
         }
@@ -276,7 +289,7 @@ public struct FuzzGenerator {
         let offset = FuzzValues.chance(&r, 85) ? (r.next() % max(span / 4096, 1)) * 4096 + (FuzzValues.chance(&r, 20) ? r.next() % 4096 : 0)
             : FuzzValues.pick(&r, [m.len, m.len &- 1, m.len &+ 4096])
         let len: UInt64 = FuzzValues.chance(&r, 85) ? 1 + r.next() % 64 : FuzzValues.pick(&r, [4096, 8192, 0])
-        if !scope.pastMappingEnds && (offset >= m.len || len > m.len - offset) { return }
+        if !scope.layoutDependent && (offset >= m.len || len > m.len - offset) { return }
         if FuzzValues.chance(&r, 50) {
             emit("host_read", ["map": .string(m.name), "offset": FuzzValues.hex(offset), "len": .int(len)])
         } else {
