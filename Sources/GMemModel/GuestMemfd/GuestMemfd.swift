@@ -321,7 +321,8 @@ extension Kernel {
             return FileStat(size: gmemInodes[ino]!.size, blksize: UAPI.pageSize, blocks: 0, inode: ino)
         case .memfd(let ino):
             let s = shmemInodes[ino]!
-            return FileStat(size: s.size, blksize: UAPI.pageSize, blocks: s.allocatedPages * 8, inode: ino)
+            // secretmem adds its folios to the page cache without accounting blocks.
+            return FileStat(size: s.size, blksize: UAPI.pageSize, blocks: s.secret ? 0 : s.allocatedPages * 8, inode: ino)
         case .kvmDevice, .vm, .vcpu:
             return FileStat(size: 0, blksize: UAPI.pageSize, blocks: 0, inode: id)
         }

@@ -424,7 +424,7 @@ extension Kernel {
 extension Kernel {
     /// mprotect(2): changes the protection of [address, address + length). Removing
     /// write access write-protects the PTEs (secondary MMUs are told first); adding
-    /// exec to a mapping of a noexec mount's file (guest_memfd, a vCPU) is EACCES; any page
+    /// exec to a mapping of a noexec mount's file (guest_memfd, a vCPU, secretmem) is EACCES; any page
     /// without a VMA is ENOMEM.
     public mutating func mprotect(address: UInt64, length: UInt64, prot: Protection) throws(Errno) {
         if address & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
@@ -444,7 +444,7 @@ extension Kernel {
             guard prot.contains(.exec), case .file(_, let object) = vma.backing else { continue }
             switch object {
             case .guestMemfd, .kvmRun: throw .EACCES
-            case .shmem: break
+            case .shmem(let ino): if shmemInodes[ino]!.secret { throw .EACCES }  // secretmem's mount is noexec
             }
         }
         if !prot.contains(.write) {
