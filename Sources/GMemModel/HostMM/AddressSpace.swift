@@ -173,9 +173,12 @@ extension Kernel {
 
     /// Removes the PTEs of `range` in process `pid` (zap_page_range), after telling
     /// the secondary MMUs registered on that mm.
-    mutating func zapPTEs(pid: UInt32, _ range: Range<UInt64>) {
+    /// Removes the PTEs in `range` (secondary MMUs are told first, over the whole
+    /// range), except those `spare` keeps.
+    mutating func zapPTEs(pid: UInt32, _ range: Range<UInt64>, sparing spare: ((UInt64, PTE) -> Bool)? = nil) {
         mmuNotifierInvalidate(pid: pid, range)
         for vpn in processes[pid]!.mm.ptes.keys(in: range) {
+            if let spare, spare(vpn, processes[pid]!.mm.ptes[vpn]!) { continue }
             let pte = processes[pid]!.mm.ptes.removeValue(forKey: vpn)!
             phys[pte.pfn].mapcount -= 1
             phys.put(pte.pfn)
@@ -184,13 +187,14 @@ extension Kernel {
 
     /// unmap_mapping_range(): removes every PTE, in every VMA of every process, that
     /// maps pages `pgoffs` of `object` (the file's rmap spans processes: a forked
-    /// child's shared mapping goes too).
-    mutating func unmapMappingRange(_ object: MappedObject, pgoffs: Range<UInt64>) {
-        for pid in processes.keys.sorted() { unmapMappingRange(pid: pid, object, pgoffs: pgoffs) }
+    /// child's shared mapping goes too). Without `evenCows` (a punch hole), a private
+    /// mapping's copy-on-write copies stay; truncation (`evenCows`) takes them too.
+    mutating func unmapMappingRange(_ object: MappedObject, pgoffs: Range<UInt64>, evenCows: Bool = true) {
+        for pid in processes.keys.sorted() { unmapMappingRange(pid: pid, object, pgoffs: pgoffs, evenCows: evenCows) }
     }
 
-    mutating func unmapMappingRange(pid: UInt32, _ object: MappedObject, pgoffs: Range<UInt64>) {
-        var ranges: [Range<UInt64>] = []
+    mutating func unmapMappingRange(pid: UInt32, _ object: MappedObject, pgoffs: Range<UInt64>, evenCows: Bool) {
+        var ranges: [(Range<UInt64>, VMA)] = []
         processes[pid]!.mm.vmas.forEachRun(in: 0..<UInt64.max) { run, vma in
             guard let vma, case .file(_, let o) = vma.backing, o == object else { return true }
             // The VMA's pages that map pgoffs.
@@ -198,11 +202,19 @@ extension Kernel {
             let hi = min(vma.pgoff(ofPage: run.upperBound - 1) + 1, pgoffs.upperBound)
             if lo < hi {
                 let vlo = run.lowerBound + (lo - vma.pgoff(ofPage: run.lowerBound))
-                ranges.append(vlo..<vlo + (hi - lo))
+                ranges.append((vlo..<vlo + (hi - lo), vma))
             }
             return true
         }
-        for r in ranges { zapPTEs(pid: pid, r) }
+        for (r, vma) in ranges {
+            guard !evenCows, !vma.shared, case .shmem(let ino) = object else {
+                zapPTEs(pid: pid, r)
+                continue
+            }
+            // A PTE that maps anything but the page-cache page is a private COW copy.
+            let cache = shmemInodes[ino]!.pages
+            zapPTEs(pid: pid, r) { vpn, pte in cache[vma.pgoff(ofPage: vpn)] != pte.pfn }
+        }
     }
 
     // MARK: Host faults

@@ -94,7 +94,7 @@ extension Kernel {
         let end = offset + length
         if mode & UAPI.FALLOC_FL_PUNCH_HOLE != 0 {
             // shmem_truncate_range() over the whole hole: pages fallocated past EOF go too.
-            shmemZeroRange(ino, offset: offset, end: end)
+            shmemZeroRange(ino, offset: offset, end: end, evenCows: false)
             return
         }
         // shmem_fallocate() allocates every page now; the model marks the range and
@@ -111,13 +111,13 @@ extension Kernel {
     }
 
     /// Punches whole pages out (unmapping them first) and zeroes partial ones.
-    mutating func shmemZeroRange(_ ino: UInt64, offset: UInt64, end: UInt64) {
+    mutating func shmemZeroRange(_ ino: UInt64, offset: UInt64, end: UInt64, evenCows: Bool = true) {
         guard offset < end else { return }
         let firstWhole = (offset + UAPI.pageSize - 1) >> UAPI.pageShift
         let lastWhole = end >> UAPI.pageShift
         if firstWhole < lastWhole {
             let whole = firstWhole..<lastWhole
-            unmapMappingRange(.shmem(ino), pgoffs: whole)
+            unmapMappingRange(.shmem(ino), pgoffs: whole, evenCows: evenCows)
             // Visit the frames in the range, or the range, whichever is smaller.
             let victims = UInt64(shmemInodes[ino]!.pages.count) < UInt64(whole.count)
                 ? shmemInodes[ino]!.pages.keys.filter { whole.contains($0) } : Array(whole)
