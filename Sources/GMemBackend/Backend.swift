@@ -273,10 +273,13 @@ public struct HostProfile: Hashable, Sendable {
     public var commitLimit: UInt64
     /// kvm_gmem_bind() sums offset and size as a signed loff_t (6.18's bug).
     public var bindOffsetWraps: Bool
+    /// Shadow paging's prefetch maps GMEM_ONLY gfns from userspace_addr (kvm-pvm's bug).
+    public var shadowPrefetchFromHVA: Bool
     public init(vmTypes: UInt64, memoryAttributes: Bool, tdp: Bool, inPlace: Bool, maxVCPUIDs: UInt32, commitLimit: UInt64,
-                bindOffsetWraps: Bool) {
+                bindOffsetWraps: Bool, shadowPrefetchFromHVA: Bool) {
         (self.vmTypes, self.memoryAttributes, self.tdp, self.inPlace) = (vmTypes, memoryAttributes, tdp, inPlace)
         (self.maxVCPUIDs, self.commitLimit, self.bindOffsetWraps) = (maxVCPUIDs, commitLimit, bindOffsetWraps)
+        self.shadowPrefetchFromHVA = shadowPrefetchFromHVA
     }
 }
 

@@ -105,7 +105,7 @@ public final class KernelBackend: Backend {
             vmTypes: max(capability(.vmTypes), 1), memoryAttributes: capability(.memoryAttributes) != 0,
             tdp: capability(.preFaultMemory) != 0, inPlace: capability(.guestMemfdMemoryAttributes) != 0,
             maxVCPUIDs: ids > 0 && ids <= UInt64(UInt32.max) ? UInt32(ids) : 1024, commitLimit: MemoryBudget.commitLimit(),
-            bindOffsetWraps: Self.bindOffsetWraps)
+            bindOffsetWraps: Self.bindOffsetWraps, shadowPrefetchFromHVA: capability(.preFaultMemory) == 0)
     }
 
     /// Whether this kernel's kvm_gmem_bind() lets offset + size wrap as a signed

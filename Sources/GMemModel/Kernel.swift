@@ -25,6 +25,9 @@ public struct ModelConfig: Hashable, Sendable {
     /// Linux 6.18's kvm_gmem_bind() bug: offset + size is a signed loff_t sum that can
     /// wrap negative and pass the EOF check (mainline takes the offset unsigned).
     public var bindOffsetWraps = false
+    /// The shadow MMU's prefetch maps a GMEM_ONLY slot's neighbouring gfns from
+    /// userspace_addr (measured on kvm-pvm hosts; a kernel bug: it bypasses guest_memfd).
+    public var shadowPrefetchFromHVA = false
     /// What private writable mappings may commit (the overcommit heuristic's RAM +
     /// swap), in bytes; UInt64.max with overcommit_memory = 1.
     public var commitLimit: UInt64 = 64 << 30
@@ -60,6 +63,7 @@ public struct ModelConfig: Hashable, Sendable {
         c.maxVCPUIDs = profile.maxVCPUIDs
         c.commitLimit = profile.commitLimit
         c.bindOffsetWraps = profile.bindOffsetWraps
+        c.shadowPrefetchFromHVA = profile.shadowPrefetchFromHVA
         return c
     }
 
@@ -67,7 +71,8 @@ public struct ModelConfig: Hashable, Sendable {
     /// kvm-pvm, shadow paging, default VMs only, no memory attributes.
     public static let pvmHost = ModelConfig(
         supportedVMTypes: 0b1, memoryAttributesIoctl: false, tdp: false, maxPhysAddrBits: 52,
-        addressSpaces: 1, inPlaceConversion: false, bindOffsetWraps: true, maxVCPUIDs: 4096)
+        addressSpaces: 1, inPlaceConversion: false, bindOffsetWraps: true, shadowPrefetchFromHVA: true,
+        maxVCPUIDs: 4096)
 }
 
 /// What the system did, counted: the policy comparison's columns.

@@ -459,8 +459,10 @@ extension Kernel {
             case .shmem(let ino): if shmemInodes[ino]!.secret { throw .EACCES }  // secretmem's mount is noexec
             }
         }
+        // change_protection() rewrites the present PTEs under an MMU-notifier
+        // invalidation, so secondary MMUs (KVM's stage-2) drop them and fault anew.
+        if runs.contains(where: { $0.1.prot != prot }) { mmuNotifierInvalidate(pid: currentPID, range) }
         if !prot.contains(.write) {
-            mmuNotifierInvalidate(pid: currentPID, range)
             for vpn in mm.ptes.keys(in: range) { mm.ptes[vpn]!.writable = false }
         }
         for (r, vma) in runs {

@@ -22,7 +22,29 @@ extension Kernel {
         if let pfn = stage2Hit(vm: vm, gfn: gfn, write: write, isPrivate: requested) { return pfn }
         let spte = try stage2Resolve(vm: vm, gfn: gfn, write: write, isPrivate: requested)
         vms[vm]!.spte[gfn] = spte
+        if config.shadowPrefetchFromHVA && !spte.isPrivate { prefetchFromUserspace(vm: vm, around: gfn) }
         return spte.pfn
+    }
+
+    /// Whether `gfn` lies in a GMEM_ONLY memslot.
+    func gmemOnlyGfn(vm: UInt64, gfn: UInt64) -> Bool {
+        vms[vm]!.slotByGfn.value(at: gfn).flatMap { vms[vm]!.memslots[$0]?.gmemOnly } ?? false
+    }
+
+    /// The shadow MMU's prefetch as measured on kvm-pvm hosts (a kernel bug there):
+    /// after a fault in a GMEM_ONLY slot it maps the other gfns of the faulting gfn's
+    /// aligned block of 8 (PTE_PREFETCH_NUM) from userspace_addr, wherever the host
+    /// already has a PTE (an atomic GUP-fast, no faults), bypassing guest_memfd.
+    mutating func prefetchFromUserspace(vm: UInt64, around gfn: UInt64) {
+        guard let id = vms[vm]!.slotByGfn.value(at: gfn), let slot = vms[vm]!.memslots[id], slot.gmemOnly else { return }
+        let mm = processes[vms[vm]!.mmPID]?.mm
+        let block = (gfn & ~7)..<((gfn & ~7) + 8)
+        for g in max(block.lowerBound, slot.baseGfn)..<min(block.upperBound, slot.baseGfn + slot.npages)
+        where g != gfn && vms[vm]!.spte[g] == nil {
+            let vpn = (slot.userspaceAddr >> UAPI.pageShift) &+ (g - slot.baseGfn)
+            guard let pte = mm?.ptes[vpn], mm?.vmas.value(at: vpn) != nil else { continue }
+            vms[vm]!.spte[g] = SPTE(pfn: pte.pfn, isPrivate: false, writable: false, prefetchedFromHVA: true)
+        }
     }
 
     /// The hardware walk hits; no fault, so no KVM check runs. Where the access

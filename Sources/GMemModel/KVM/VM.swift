@@ -45,6 +45,9 @@ struct SPTE: Hashable {
     var pfn: UInt64
     var isPrivate: Bool
     var writable: Bool
+    /// Installed by the shadow MMU's prefetch from userspace_addr in a GMEM_ONLY slot
+    /// (the `shadowPrefetchFromHVA` host bug): hva-backed, so MMU notifiers zap it.
+    var prefetchedFromHVA = false
 }
 
 /// struct kvm.
@@ -192,7 +195,8 @@ extension Kernel {
         iotlbInvalidate(pid: pid, vpns)
         for id in vms.keys where vms[id]!.mmPID == pid {
             var zaps: [Range<UInt64>] = []
-            for (_, s) in vms[id]!.memslots where !s.gmemOnly {
+            let prefetchBug = config.shadowPrefetchFromHVA
+            for (_, s) in vms[id]!.memslots where !s.gmemOnly || prefetchBug {
                 let first = s.userspaceAddr >> UAPI.pageShift
                 let lo = max(first, vpns.lowerBound)
                 let hi = min(first + s.npages, vpns.upperBound)
@@ -200,7 +204,9 @@ extension Kernel {
             }
             for gfns in zaps {
                 vms[id]!.mmuInvalidateSeq += 1
-                for gfn in gfns where vms[id]!.spte[gfn].map({ !$0.isPrivate }) == true {
+                // The entries present, not every gfn: the cost is what is mapped.
+                for gfn in vms[id]!.spte.keys(in: gfns)
+                where vms[id]!.spte[gfn].map({ !$0.isPrivate && ($0.prefetchedFromHVA || !gmemOnlyGfn(vm: id, gfn: gfn)) }) == true {
                     vms[id]!.spte[gfn] = nil
                     counters.spteZapped += 1
                 }
