@@ -106,6 +106,10 @@ struct Fuzz: ParsableCommand {
             for sig in order { emit("  \(findings[sig]!.2)x \(sig)") }
         }
         let tenths = Int(((monotonicSeconds() - start) * 10).rounded())
+        if !campaign.skipReasons.isEmpty {
+            emit("why steps were skipped (most common first):")
+            for (why, n) in campaign.skipReasons.sorted(by: { $0.value > $1.value }).prefix(8) { emit("  \(n)x \(why)") }
+        }
         if !known.isEmpty {
             emit("known kernel hazards, not counted (docs/fuzzing.md): " + known.map { "\($0.value)x \($0.key)" }.sorted().joined(separator: "; "))
         }

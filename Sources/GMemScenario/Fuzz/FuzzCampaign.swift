@@ -58,6 +58,8 @@ public final class FuzzCampaign {
     public let makeBackends: () throws(BackendError) -> [any Backend]
     public var stepsCompared = 0
     public var stepsSkipped = 0
+    /// Why steps were skipped, by reason with names and numbers taken out.
+    public var skipReasons: [String: Int] = [:]
 
     public init(makeBackends: @escaping () throws(BackendError) -> [any Backend]) {
         self.makeBackends = makeBackends
@@ -77,7 +79,7 @@ public final class FuzzCampaign {
             let d = DifferentialRunner(backends[0], backends[1])
             for step in scenario.steps {
                 let r = d.run(step)
-                if count { if r.status == .skipped { stepsSkipped += 1 } else { stepsCompared += 1 } }
+                if count { tally(r) }
                 if let (a, b) = d.lastDivergence {
                     return FuzzFinding(kind: .divergence, step: step.index, op: step.opName, first: a, second: b,
                                        signature: "\(step.opName): \(backends[0].name) \(Self.shape(a)), \(backends[1].name) \(Self.shape(b))",
@@ -89,7 +91,7 @@ public final class FuzzCampaign {
         let runner = ScenarioRunner(backend: backends[0])
         for step in scenario.steps {
             let r = runner.run(step)
-            if count { if r.status == .skipped { stepsSkipped += 1 } else { stepsCompared += 1 } }
+            if count { tally(r) }
             let violations = (try? backends[0].checkInvariants()) ?? []
             if let v = violations.first {
                 return FuzzFinding(kind: .violation, step: step.index, op: step.opName, first: v.description, second: "",
@@ -97,6 +99,33 @@ public final class FuzzCampaign {
             }
         }
         return nil
+    }
+
+    func tally(_ r: StepReport) {
+        guard r.status == .skipped else {
+            stepsCompared += 1
+            return
+        }
+        stepsSkipped += 1
+        skipReasons[Self.reasonClass(r.message ?? ""), default: 0] += 1
+    }
+
+    /// A skip reason without the parts that vary: quoted names and numbers.
+    static func reasonClass(_ message: String) -> String {
+        var out = ""
+        var quoted = false
+        for c in message {
+            // A quote opens a name after a space or a bracket ("handle 'vm1'"), not in "harness's".
+            if c == "'" && (quoted || out.isEmpty || out.hasSuffix(" ") || out.hasSuffix("(")) {
+                quoted.toggle()
+                if quoted { out += "'…'" }
+                continue
+            }
+            if quoted { continue }
+            if c.isNumber { if !out.hasSuffix("N") { out += "N" }; continue }
+            out.append(c)
+        }
+        return out
     }
 
     /// An answer without its numbers: "EINVAL", "bytes", "exit mmio", "value".
