@@ -60,6 +60,12 @@ public final class GuestRequestHandler {
 
 /// A device behind an IOMMU domain that maps guest memory while it is shared: what
 /// QEMU's VFIO RamDiscardListener does. IOVA = guest physical address.
+///
+/// VFIO type1 refuses an unmap that splits a mapping, so the listener maps at the
+/// granularity at which memory can later turn private (one MAP_DMA per `granularity`,
+/// a page by default, as QEMU and cloud-hypervisor do for guest_memfd) and unmaps
+/// whole runs of those mappings in one call. The price is one IOMMU mapping per page
+/// (VFIO's dma_entry_limit must allow as many).
 public final class IOMMUListener: ConversionListener {
     public let name: String
     let backend: any Backend
@@ -67,13 +73,17 @@ public final class IOMMUListener: ConversionListener {
     /// The host mapping of the region (the shared side) and the gpa it starts at.
     let hostAddress: UInt64
     let gpaBase: UInt64
+    /// The size of each DMA mapping; conversions come in multiples of it.
+    public let granularity: UInt64
 
-    public init(name: String, backend: any Backend, domain: ObjectHandle, hostAddress: UInt64, gpaBase: UInt64) {
+    public init(name: String, backend: any Backend, domain: ObjectHandle, hostAddress: UInt64, gpaBase: UInt64,
+                granularity: UInt64 = UAPI.pageSize) {
         self.name = name
         self.backend = backend
         self.domain = domain
         self.hostAddress = hostAddress
         self.gpaBase = gpaBase
+        self.granularity = granularity
     }
 
     public func willMakePrivate(gpa: UInt64, size: UInt64) throws(ConversionError) {
@@ -84,11 +94,19 @@ public final class IOMMUListener: ConversionListener {
         }
     }
 
+    /// Maps [gpa, gpa + size) one granule at a time; on a failure, unmaps what it
+    /// mapped (whole granules: VFIO accepts that) and reports the granule that failed.
     public func didMakeShared(gpa: UInt64, size: UInt64) throws(ConversionError) {
-        do {
-            try backend.iommuMap(domain: domain, iova: gpa, address: hostAddress + (gpa - gpaBase), fd: nil, offset: 0, length: size)
-        } catch {
-            throw ConversionError(errno: ConversionManager.errno(error), gpa: gpa, stage: .listener, who: name)
+        var at = gpa
+        while at < gpa + size {
+            let length = min(granularity, gpa + size - at)
+            do {
+                try backend.iommuMap(domain: domain, iova: at, address: hostAddress + (at - gpaBase), fd: nil, offset: 0, length: length)
+            } catch {
+                if at > gpa { try? backend.iommuUnmap(domain: domain, iova: gpa, length: at - gpa) }
+                throw ConversionError(errno: ConversionManager.errno(error), gpa: at, stage: .listener, who: name)
+            }
+            at += length
         }
     }
 }

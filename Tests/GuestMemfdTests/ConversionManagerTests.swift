@@ -72,6 +72,28 @@ struct ConversionManagerTests {
         #expect(try b.checkInvariants().isEmpty)
     }
 
+    /// A real VFIO listener maps page by page, so the VMM can give back any one page
+    /// of a shared range: VFIO type1 refuses an unmap that splits a mapping.
+    @Test(arguments: [4096, 16384] as [UInt64])
+    func theVFIOListenerCanGiveBackOnePage(granularity: UInt64) throws {
+        let (b, m, map, _) = try Self.inPlace()
+        let domain = try b.createIOMMUDomain(.vfio, vm: nil)
+        try m.register(IOMMUListener(name: "vfio", backend: b, domain: domain, hostAddress: map.address, gpaBase: Self.base,
+                                     granularity: granularity))
+        try m.convert(gpa: Self.base, size: 4 * 4096, toPrivate: false)
+        #expect(try b.dma(domain: domain, iova: Self.base + 4096, write: nil, count: 1) == [0])
+        if granularity == 4096 {
+            try m.convert(gpa: Self.base + 4096, size: 4096, toPrivate: true)
+            #expect(throws: BackendError.errno(.EFAULT)) { try b.dma(domain: domain, iova: Self.base + 4096, write: nil, count: 1) }
+            #expect(try b.dma(domain: domain, iova: Self.base + 8192, write: nil, count: 1) == [0], "the rest stays mapped")
+        } else {
+            // One 16K mapping cannot give back one page: VFIO refuses the split.
+            #expect(throws: ConversionError.self) { try m.convert(gpa: Self.base + 4096, size: 4096, toPrivate: true) }
+            #expect(!m.isPrivate(gpa: Self.base + 4096), "refused whole")
+        }
+        #expect(try b.checkInvariants().isEmpty)
+    }
+
     @Test func aVetoRollsBackEveryStepAlreadyTaken() throws {
         let (b, m, map, _) = try Self.inPlace()
         let first = RecordingListener("first", backend: b, map: map, base: Self.base)
