@@ -463,6 +463,17 @@ struct ExploreFileTests {
         #expect(summary.schedules == 1 && r.explorer.actors.count == 1)
     }
 
+    /// A long program is not a livelock: the step bound grows with the programs.
+    @Test func longActorsAreNotLivelocks() throws {
+        let step = #"{"op": "check_extension", "cap": "guest_memfd"}"#
+        let program = Array(repeating: step, count: 1_500).joined(separator: ", ")
+        let text = #"{"name": "long", "steps": [], "actors": [{"name": "a", "program": ["# + program + #"]}, {"name": "b", "program": ["# + step + #"]}]}"#
+        let r = ExploreRunner(try ScenarioParser.parse(text: text, file: "long"), config: .mainline)
+        let summary = r.explorer.exhaustive(preemptionBound: 1)
+        #expect(summary.counterexample == nil, "\(summary.counterexample.map { "livelock: \($0.livelock)" } ?? "")")
+        #expect(summary.schedules > 1)
+    }
+
     /// `gmem explore --mutants --json` lines: valid JSON that says what was caught, how.
     @Test func mutantResultsAsJSON() throws {
         let s = try Self.scenario("release-vs-unbind")

@@ -131,8 +131,10 @@ public struct ExploreSummary: Sendable {
 public struct Explorer {
     public var initial: World
     public var actors: [ExploreActor]
-    /// Steps one schedule may take before it counts as a livelock.
-    public var stepBound = 1_000
+    /// Steps one schedule may take before it counts as a livelock; nil: the programs'
+    /// own steps once plus room for 1,000 retries (a long program is not a livelock).
+    public var stepBound: Int?
+    var effectiveStepBound: Int { stepBound ?? actors.reduce(0) { $0 + $1.steps.count } + 1_000 }
     /// The state invariants of a state reached in one step from a parent that held
     /// them all. The default looks only at what the step changed when it safely can
     /// (`Kernel.checkSystemInvariants(since:)`); tests replace it to compare.
@@ -188,6 +190,7 @@ public struct Explorer {
     /// first violation.
     public func exhaustive(preemptionBound: Int) -> ExploreSummary {
         var summary = ExploreSummary()
+        let bound = effectiveStepBound  // once: the search's innermost loop tests it
         /// Per state: the fewest preemptions spent on arriving, by last actor.
         var seen: [Position: [Int: Int]] = [:]
         func covered(_ arrivals: [Int: Int], last: Int, spent: Int) -> Bool {
@@ -204,7 +207,7 @@ public struct Explorer {
                 summary.counterexample = Counterexample(schedule: Schedule(schedule), trace: trace, violations: [], livelock: false, deadlock: true)
                 return true
             }
-            if schedule.count >= stepBound {
+            if schedule.count >= bound {
                 summary.counterexample = Counterexample(schedule: Schedule(schedule), trace: trace, violations: [], livelock: true)
                 return true
             }
@@ -316,6 +319,7 @@ public struct Explorer {
             var p = Position(world: initial, pcs: actors.map { _ in 0 })
             var schedule: [Int] = []
             var trace: [TraceEntry] = []
+            let bound = effectiveStepBound
             func stop(_ c: Counterexample) -> ExploreSummary {
                 summary.states = seen.count
                 summary.counterexample = c
@@ -327,7 +331,7 @@ public struct Explorer {
                     if finished(p) { break }
                     return stop(Counterexample(schedule: Schedule(schedule), trace: trace, violations: [], livelock: false, deadlock: true))
                 }
-                if schedule.count >= stepBound {
+                if schedule.count >= bound {
                     return stop(Counterexample(schedule: Schedule(schedule), trace: trace, violations: [], livelock: true))
                 }
                 let a = pick(ready, schedule.count)
