@@ -141,8 +141,14 @@ public final class ScenarioRunner {
         throw Skip(reason: "mapping '\(name)' is not mapped")
     }
 
-    /// The vCPU a guest access runs on: a named vCPU, or vCPU 0 of a VM, created once.
+    /// Whether the step being executed named its target with `vcpu`.
+    private var stepNamesVCPU = false
+
+    /// The vCPU a guest access runs on: what `vcpu` names (KVM_RUN on it, whatever fd
+    /// it is: a VM fd gets the kernel's ENOTTY), or vCPU 0 of the VM `vm` names,
+    /// created once.
     func vcpu(_ ref: Ref) throws(Skip) -> Result<FD, Errno> {
+        if stepNamesVCPU { return .success(try fd(ref)) }
         if case .name(let n) = ref, vcpuNames.contains(n) { return .success(try fd(ref)) }
         if let v = implicitVCPUs[ref] { return .success(v) }
         let vm = try fd(ref)
@@ -190,6 +196,8 @@ public final class ScenarioRunner {
 
     func execute(_ step: Step) throws(Skip) -> Observation {
         let b = backend
+        stepNamesVCPU = step.namesVCPU
+        defer { stepNamesVCPU = false }
         var target = ProcessHandle.vmm
         if let p = step.process {
             guard let h = processes[p] else {

@@ -153,6 +153,9 @@ public struct Step: Hashable, Sendable {
     /// `"expect": "any"`: the step is run and its outcome shown, never judged (the
     /// fuzzer's steps, and users asking what the kernel does).
     public var observe: Bool = false
+    /// A guest access or pre-fault named its target with `vcpu` (run on that fd,
+    /// whatever it is) rather than `vm` (the VM's vCPU 0, created on first use).
+    public var namesVCPU: Bool = false
     public var expectValue: JSON?
     public var expectBytes: [UInt8]?
     public var expectExit: JSON?

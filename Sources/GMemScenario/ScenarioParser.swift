@@ -217,11 +217,12 @@ extension StepReader {
         }
         let comment = try string("comment")
         try finish()
+        let namesVCPU = obj["vcpu"] != nil
         if observe && (expectValue != nil || expectBytes != nil || expectExit != nil) {
             throw fail("expect", "\"any\" observes without judging; it cannot stand with expect_value, expect_bytes or expect_exit")
         }
         return Step(
-            index: index, opName: opName, op: parsed, name: name, process: process, expect: expect, observe: observe,
+            index: index, opName: opName, op: parsed, name: name, process: process, expect: expect, observe: observe, namesVCPU: namesVCPU,
             expectValue: expectValue, expectBytes: expectBytes, expectExit: expectExit, comment: comment)
     }
 
