@@ -115,3 +115,69 @@ struct MappingLedger {
     }
 }
 #endif
+
+#if os(Linux)
+/// A memory cgroup of the process's own (cgroup v1 memory controller, or cgroup v2),
+/// with a limit, so that if the real kernel were made to allocate past every budget
+/// the OOM killer would stop this process and not a neighbour. Entered once per
+/// process; on exit the process moves back and the group is removed.
+public enum MemoryCgroup {
+    nonisolated(unsafe) private static var created: String?
+    nonisolated(unsafe) private static var parent: String?
+
+    /// Moves this process into a new child memory cgroup limited to `limit` bytes;
+    /// what it did, or nil (with why) when no writable memory controller exists.
+    public static func enter(limit: UInt64) -> Result<String, CgroupProblem> {
+        if let created { return .success(created) }
+        guard let base = ownGroup() else { return .failure(CgroupProblem(message: "no memory cgroup controller is mounted")) }
+        let dir = base.path + "/gmem-\(getpid())"
+        guard mkdir(dir, 0o755) == 0 || errno == EEXIST else {
+            return .failure(CgroupProblem(message: "cannot create \(dir): \(String(cString: strerror(errno)))"))
+        }
+        let limitFile = dir + (base.v2 ? "/memory.max" : "/memory.limit_in_bytes")
+        guard write(String(limit), to: limitFile), write(String(getpid()), to: dir + "/cgroup.procs") else {
+            rmdir(dir)
+            return .failure(CgroupProblem(message: "cannot set a limit or join \(dir)"))
+        }
+        created = dir
+        parent = base.path
+        atexit {
+            guard let dir = MemoryCgroup.created, let parent = MemoryCgroup.parent else { return }
+            _ = MemoryCgroup.write(String(getpid()), to: parent + "/cgroup.procs")
+            rmdir(dir)
+        }
+        return .success(dir)
+    }
+
+    public struct CgroupProblem: Error { public var message: String }
+
+    /// The directory of this process's memory cgroup: v1's memory hierarchy, else v2's.
+    static func ownGroup() -> (path: String, v2: Bool)? {
+        guard let f = fopen("/proc/self/cgroup", "r") else { return nil }
+        defer { fclose(f) }
+        var line = [CChar](repeating: 0, count: 512)
+        var v2Path: String?
+        while fgets(&line, Int32(line.count), f) != nil {
+            let text = String(decoding: line.prefix { $0 != 0 && $0 != 10 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            let parts = text.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
+            guard parts.count == 3 else { continue }
+            if parts[1].split(separator: ",").contains("memory"), access("/sys/fs/cgroup/memory" + parts[2], W_OK) == 0 {
+                return ("/sys/fs/cgroup/memory" + parts[2], false)
+            }
+            if parts[0] == "0" { v2Path = String(parts[2]) }
+        }
+        if let p = v2Path, access("/sys/fs/cgroup" + p + "/cgroup.controllers", R_OK) == 0,
+            MemoryBudget.firstLine("/sys/fs/cgroup" + p + "/cgroup.controllers")?.split(separator: " ").contains("memory") == true
+        {
+            return ("/sys/fs/cgroup" + p, true)
+        }
+        return nil
+    }
+
+    static func write(_ text: String, to path: String) -> Bool {
+        guard let f = fopen(path, "w") else { return false }
+        let ok = fputs(text, f) >= 0
+        return fclose(f) == 0 && ok
+    }
+}
+#endif

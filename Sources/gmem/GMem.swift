@@ -100,6 +100,21 @@ struct BackendOptions: ParsableArguments {
         }
     }
 
+    /// Puts this process in a memory cgroup of its own once, limited to the kernel
+    /// budget plus 4 GiB for the process itself (the model, the runtime), and says so
+    /// on standard error; without a writable memory controller, says that.
+    static func confine(budget: UInt64) {
+        #if os(Linux)
+        guard !CgroupNote.printed else { return }
+        CgroupNote.printed = true
+        let limit = budget &+ (4 << 30)
+        switch MemoryCgroup.enter(limit: limit) {
+        case .success(let dir): emitError("gmem: the kernel side runs in memory cgroup \(dir), limited to \(limit >> 20) MiB")
+        case .failure(let p): emitError("gmem: no memory cgroup for the kernel side (\(p.message)); the memory budget alone guards it")
+        }
+        #endif
+    }
+
     /// With `both`, the model stands for the host it is compared with (unless
     /// --model-config was given): same VM types, attributes and paging mode.
     func modelConfigMatching(_ kernel: any Backend) -> ModelConfig {
@@ -120,6 +135,7 @@ struct BackendOptions: ParsableArguments {
             let k = try KernelBackend()
             if let b = try size(memoryBudget, "--memory-budget") { k.budget = MemoryBudget(limit: b) }
             if let t = try size(maxTransfer, "--max-transfer") { k.transferLimit = t }
+            Self.confine(budget: k.budget.limit)
             return k
         } catch let error as BackendError {
             if case .unsupported(let why) = error {
@@ -233,3 +249,8 @@ struct Tour: ParsableCommand {
 }
 
 extension Mutant: ExpressibleByArgument {}
+
+/// Whether the memory-cgroup line has been printed (once a process).
+enum CgroupNote {
+    nonisolated(unsafe) static var printed = false
+}
