@@ -367,8 +367,9 @@ public protocol Backend: AnyObject {
     /// [offset, offset + size) to private (attributes PRIVATE) or shared (0).
     func setGuestMemfdAttributes(fd: FD, offset: UInt64, size: UInt64, attributes: UInt64, flags: UInt64)
         throws(BackendError) -> ConversionOutcome
-    /// pin_user_pages() on [address, address + length) of this process.
-    func pin(address: UInt64, length: UInt64, longterm: Bool) throws(BackendError) -> ObjectHandle
+    /// pin_user_pages() on [address, address + length) of this process: FOLL_WRITE
+    /// with `write`, else a read-only pin; FOLL_LONGTERM with `longterm`.
+    func pin(address: UInt64, length: UInt64, longterm: Bool, write: Bool) throws(BackendError) -> ObjectHandle
     /// unpin_user_pages().
     func unpin(_ pin: ObjectHandle) throws(BackendError)
     /// GUP-fast's lockless walk: a speculative reference on each mapped page, held
@@ -408,6 +409,11 @@ public protocol Backend: AnyObject {
 }
 
 extension Backend {
+    /// pin_user_pages(FOLL_WRITE [| FOLL_LONGTERM]).
+    public func pin(address: UInt64, length: UInt64, longterm: Bool) throws(BackendError) -> ObjectHandle {
+        try pin(address: address, length: length, longterm: longterm, write: true)
+    }
+
     /// memfd_create(2) + ftruncate(2): ordinary shared memory.
     public func memfdCreate(size: UInt64) throws(BackendError) -> FD {
         try memfdCreate(size: size, secret: false)

@@ -4,7 +4,7 @@ import GMemBackend
 /// What this host's kernel backend cannot do (no pins from a scenario, one process, no
 /// IOMMU, no pKVM, no view of the kernel's state): each says why, and runs on the model.
 extension KernelBackend {
-    public func pin(address: UInt64, length: UInt64, longterm: Bool) throws(BackendError) -> ObjectHandle {
+    public func pin(address: UInt64, length: UInt64, longterm: Bool, write: Bool) throws(BackendError) -> ObjectHandle {
         throw .unsupported(missing(.pins)!)
     }
 

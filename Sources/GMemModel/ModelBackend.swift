@@ -207,8 +207,8 @@ public final class ModelBackend: Backend {
         try run { k in k.setGuestMemfdAttributes(fd.raw, offset: offset, size: size, attributes: attributes, flags: flags) }
     }
 
-    public func pin(address: UInt64, length: UInt64, longterm: Bool) throws(BackendError) -> ObjectHandle {
-        ObjectHandle(id: try run { k throws(Errno) in try k.pin(address: address, length: length, longterm: longterm) })
+    public func pin(address: UInt64, length: UInt64, longterm: Bool, write: Bool) throws(BackendError) -> ObjectHandle {
+        ObjectHandle(id: try run { k throws(Errno) in try k.pin(address: address, length: length, longterm: longterm, write: write) })
     }
 
     public func unpin(_ pin: ObjectHandle) throws(BackendError) {

@@ -534,10 +534,10 @@ public final class ScenarioRunner {
                 if r.errno == .EAGAIN { o.value = .object(JSONObject(["error_offset": .int(r.errorOffset)])) }
                 return o
             }
-        case .pin(let name, let offset, let length, let longterm):
+        case .pin(let name, let offset, let length, let longterm, let write):
             let m = try mapping(name)
             return try call { () throws(BackendError) in
-                let p = try b.pin(address: m.address &+ offset, length: length, longterm: longterm)
+                let p = try b.pin(address: m.address &+ offset, length: length, longterm: longterm, write: write)
                 if let n = step.name {
                     pins[n] = p
                     missing[n] = nil

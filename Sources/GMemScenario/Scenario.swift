@@ -88,7 +88,7 @@ public enum Op: Hashable, Sendable {
     case pkvmAccess(page: UInt64, guest: String?, gfn: UInt64, write: UInt8?)
     case pkvmState(page: UInt64, guest: String?, gfn: UInt64)
     case convert(Ref, offset: UInt64, size: UInt64, toPrivate: Bool)
-    case pin(map: String, offset: UInt64, length: UInt64, longterm: Bool)
+    case pin(map: String, offset: UInt64, length: UInt64, longterm: Bool, write: Bool)
     case unpin(pin: String)
 
     /// Steps that only look: skipping one on one backend of a differential run leaves

@@ -431,7 +431,7 @@ extension StepReader {
             return .convert(fd, offset: try number("offset"), size: try number("size"), toPrivate: to == "private")
         case "pin":
             return .pin(map: try mapName("map"), offset: try optionalNumber("offset") ?? 0, length: try number("len"),
-                        longterm: try bool("longterm") ?? false)
+                        longterm: try bool("longterm") ?? false, write: try bool("write") ?? true)
         case "unpin":
             guard case .name(let n) = try ref("pin", kind: .pin) else { throw fail("pin", "expected a pin name") }
             return .unpin(pin: n)

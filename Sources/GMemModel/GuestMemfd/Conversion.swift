@@ -134,7 +134,13 @@ extension Kernel {
     /// faults each page in for write and takes a reference and a pin on it. Pages the
     /// host cannot fault (private guest_memfd, holes past EOF) make the whole call
     /// EFAULT, with nothing left pinned.
-    public mutating func pin(address: UInt64, length: UInt64, longterm: Bool) throws(Errno) -> UInt64 {
+    ///
+    /// A read-only pin (no FOLL_WRITE) faults for read, and must not leave the holder
+    /// looking at a page the process may later replace (gup_must_unshare()): an
+    /// anonymous page it may share (after fork) is unshared first, and so, for a
+    /// long-term pin (FOLL_LONGTERM), is a page-cache page in a private mapping, which
+    /// the process's first write would otherwise COW away from the pin.
+    public mutating func pin(address: UInt64, length: UInt64, longterm: Bool, write: Bool = true) throws(Errno) -> UInt64 {
         let (end, overflow) = address.addingReportingOverflow(length)
         if length == 0 || overflow || address & (UAPI.pageSize - 1) != 0 { throw .EINVAL }
         let vpns = Self.pages(from: address, to: end)
@@ -148,7 +154,8 @@ extension Kernel {
                 throw .EFAULT
             }
             do {
-                let pfn = try hostFault(vpn: vpn, write: true)
+                var pfn = try hostFault(vpn: vpn, write: write)
+                if !write && mustUnshare(vpn: vpn, pfn: pfn, longterm: longterm) { pfn = unshare(vpn) }
                 phys.get(pfn)
                 phys[pfn].pincount += 1
                 pfns.append(pfn)
@@ -160,6 +167,32 @@ extension Kernel {
         let id = newID()
         pins[id] = Pin(pfns: pfns, longterm: longterm, pid: currentPID, firstVPN: address >> UAPI.pageShift)
         return id
+    }
+
+    /// gup_must_unshare() for a read-only pin of `pfn` at `vpn`: in a private mapping,
+    /// an anonymous page that is not exclusively this process's (mapcount > 1), or,
+    /// long-term, a page-cache page still mapped in place of a COW copy.
+    func mustUnshare(vpn: UInt64, pfn: UInt64, longterm: Bool) -> Bool {
+        guard let vma = mm.vmas.value(at: vpn), !vma.shared else { return false }
+        switch vma.backing {
+        case .anonymous: return phys[pfn].mapcount > 1
+        case .file(_, .shmem(let ino)): return longterm && shmemInodes[ino]!.pages[vma.pgoff(ofPage: vpn)] == pfn
+        case .file: return false
+        }
+    }
+
+    /// FAULT_FLAG_UNSHARE: give `vpn` a copy of its page that is this process's alone,
+    /// still mapped read-only (unsharing is not writing).
+    mutating func unshare(_ vpn: UInt64) -> UInt64 {
+        let old = mm.ptes[vpn]!
+        let copy = phys.allocate()
+        phys.copy(from: old.pfn, to: copy)
+        phys[copy].mapcount = 1
+        mmuNotifierInvalidate(pid: currentPID, vpn..<vpn + 1)
+        phys[old.pfn].mapcount -= 1
+        phys.put(old.pfn)
+        mm.ptes[vpn] = PTE(pfn: copy, writable: false)
+        return copy
     }
 
     /// GUP-fast's first half: walk the page tables without locks and take a

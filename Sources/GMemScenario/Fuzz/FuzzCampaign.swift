@@ -31,7 +31,8 @@ public struct FuzzFinding: Hashable, Sendable {
     public static let knownHazards: [(match: String, why: String)] = [
         ("the CPU maps a different page than the pin holds",
          "punching (or truncating) a pinned shmem page drops it from the page cache while the pin keeps the old page: "
-             + "the CPU faults a new page and the pin holder sees the old one (why QEMU's RamDiscardManager tells VFIO first)"),
+             + "the CPU faults a new page and the pin holder sees the old one (why QEMU's RamDiscardManager tells VFIO first); "
+             + "a short-term read-only pin may likewise see the process COW away from it (only long-term ones are unshared)"),
     ]
 
     /// The reproducer as a scenario file: every step observed (`"expect": "any"`) but

@@ -389,7 +389,7 @@ public struct FuzzGenerator {
         default:
             let n = fresh("pin")
             emit("pin", ["map": .string(m.name), "offset": FuzzValues.hex(offset), "len": FuzzValues.hex(len),
-                         "longterm": .bool(FuzzValues.chance(&r, 50))], as: n)
+                         "longterm": .bool(FuzzValues.chance(&r, 50)), "write": .bool(FuzzValues.chance(&r, 70))], as: n)
             pins.append(n)
         }
     }
