@@ -251,7 +251,9 @@ extension Kernel {
                 _ = old
                 return breakCOW(vpn)
             } else if write {
-                // A private file mapping: copy on write into an anonymous page.
+                // A private file mapping: copy on write into an anonymous page. The PTE
+                // changes page, so secondary MMUs that mapped the old one drop it.
+                if mm.ptes[vpn] != nil { mmuNotifierInvalidate(pid: currentPID, vpn..<vpn + 1) }
                 if let old = mm.ptes.removeValue(forKey: vpn) {
                     phys[old.pfn].mapcount -= 1
                     phys.put(old.pfn)
