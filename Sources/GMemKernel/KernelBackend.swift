@@ -111,7 +111,7 @@ public final class KernelBackend: Backend {
     /// Whether this kernel's kvm_gmem_bind() lets offset + size wrap as a signed
     /// loff_t (6.18): measured once per process by binding one page of a 4 KiB
     /// guest_memfd at offset 2^63 - 4 KiB with a two-page memslot, in a VM of its own.
-    nonisolated(unsafe) static let bindOffsetWraps: Bool = {
+    static let bindOffsetWraps: Bool = {
         let kvm = ckvm_open_rdwr("/dev/kvm")
         guard kvm >= 0 else { return false }
         defer { _ = ckvm_close(kvm) }

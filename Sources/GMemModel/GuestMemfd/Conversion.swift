@@ -155,7 +155,8 @@ extension Kernel {
             }
             do {
                 var pfn = try hostFault(vpn: vpn, write: write)
-                if !write && mustUnshare(vpn: vpn, pfn: pfn, longterm: longterm) { pfn = unshare(vpn) }
+                // FAULT_FLAG_UNSHARE: a copy of its own, still read-only (unsharing is not writing).
+                if !write && mustUnshare(vpn: vpn, pfn: pfn, longterm: longterm) { pfn = copyPage(vpn, writable: false) }
                 phys.get(pfn)
                 phys[pfn].pincount += 1
                 pfns.append(pfn)
@@ -179,20 +180,6 @@ extension Kernel {
         case .file(_, .shmem(let ino)): return longterm && shmemInodes[ino]!.pages[vma.pgoff(ofPage: vpn)] == pfn
         case .file: return false
         }
-    }
-
-    /// FAULT_FLAG_UNSHARE: give `vpn` a copy of its page that is this process's alone,
-    /// still mapped read-only (unsharing is not writing).
-    mutating func unshare(_ vpn: UInt64) -> UInt64 {
-        let old = mm.ptes[vpn]!
-        let copy = phys.allocate()
-        phys.copy(from: old.pfn, to: copy)
-        phys[copy].mapcount = 1
-        mmuNotifierInvalidate(pid: currentPID, vpn..<vpn + 1)
-        phys[old.pfn].mapcount -= 1
-        phys.put(old.pfn)
-        mm.ptes[vpn] = PTE(pfn: copy, writable: false)
-        return copy
     }
 
     /// GUP-fast's first half: walk the page tables without locks and take a

@@ -363,13 +363,21 @@ extension Kernel {
             mm.ptes[vpn]!.writable = true
             return old.pfn
         }
+        return copyPage(vpn, writable: true)
+    }
+
+    /// Gives `vpn` a copy of the page it maps, this process's alone (secondary MMUs
+    /// drop the old one first): a COW break maps it writable, an unshare
+    /// (FAULT_FLAG_UNSHARE) read-only.
+    mutating func copyPage(_ vpn: UInt64, writable: Bool) -> UInt64 {
+        let old = mm.ptes[vpn]!
         let copy = phys.allocate()
         phys.copy(from: old.pfn, to: copy)
         phys[copy].mapcount = 1
         mmuNotifierInvalidate(pid: currentPID, vpn..<vpn + 1)
         phys[old.pfn].mapcount -= 1
         phys.put(old.pfn)
-        mm.ptes[vpn] = PTE(pfn: copy, writable: true)
+        mm.ptes[vpn] = PTE(pfn: copy, writable: writable)
         return copy
     }
 
