@@ -232,9 +232,10 @@ extension Kernel {
             if mm.ptes[vpn] != nil { return breakCOW(vpn) }
             pfn = phys.allocate()  // the PTE's reference
             phys[pfn].mapcount = 1
-            // A read fault maps the zero page, read-only whatever the VMA allows; the
-            // first write breaks COW (here: the frame, ours alone, turns writable).
-            mm.ptes[vpn] = PTE(pfn: pfn, writable: writable && write)
+            // A private read fault maps the zero page, read-only whatever the VMA
+            // allows; the first write breaks COW (here: the frame, ours alone, turns
+            // writable). Shared anonymous memory is shmem: its PTE takes the VMA's prot.
+            mm.ptes[vpn] = PTE(pfn: pfn, writable: writable && (write || vma.shared))
             return pfn
         case .file(_, .guestMemfd(let ino)):
             pfn = try gmemFaultUserMapping(ino, pgoff: vma.pgoff(ofPage: vpn), vpn: vpn)
@@ -474,6 +475,12 @@ extension Kernel {
         if runs.contains(where: { $0.1.prot != prot }) { mmuNotifierInvalidate(pid: currentPID, range) }
         if !prot.contains(.write) {
             for vpn in mm.ptes.keys(in: range) { mm.ptes[vpn]!.writable = false }
+        } else {
+            // A shared mapping's new protection applies to its present PTEs too (shmem
+            // and guest_memfd need no write notification): they become writable.
+            for (r, vma) in runs where vma.shared {
+                for vpn in mm.ptes.keys(in: r) { mm.ptes[vpn]!.writable = true }
+            }
         }
         for (r, vma) in runs {
             var v = vma

@@ -31,19 +31,33 @@ extension Kernel {
         vms[vm]!.slotByGfn.value(at: gfn).flatMap { vms[vm]!.memslots[$0]?.gmemOnly } ?? false
     }
 
-    /// The shadow MMU's prefetch as measured on kvm-pvm hosts (a kernel bug there):
-    /// after a fault in a GMEM_ONLY slot it maps the other gfns of the faulting gfn's
-    /// aligned block of 8 (PTE_PREFETCH_NUM) from userspace_addr, wherever the host
-    /// already has a PTE (an atomic GUP-fast, no faults), bypassing guest_memfd.
+    /// The shadow MMU's prefetch as measured on kvm-pvm hosts (a kernel bug there: it
+    /// bypasses guest_memfd in GMEM_ONLY slots), direct_pte_prefetch() exactly: in the
+    /// faulting gfn's aligned block of 8 (PTE_PREFETCH_NUM), each run of gfns without an
+    /// entry is one batch; a batch whose memslot does not hold all of it, or whose first
+    /// host page GUP-fast (FOLL_WRITE: a present, writable PTE) cannot take, ends the
+    /// prefetch; otherwise its pages up to the first such one are mapped, read-only.
     mutating func prefetchFromUserspace(vm: UInt64, around gfn: UInt64) {
-        guard let id = vms[vm]!.slotByGfn.value(at: gfn), let slot = vms[vm]!.memslots[id], slot.gmemOnly else { return }
-        let mm = processes[vms[vm]!.mmPID]?.mm
         let block = (gfn & ~7)..<((gfn & ~7) + 8)
-        for g in max(block.lowerBound, slot.baseGfn)..<min(block.upperBound, slot.baseGfn + slot.npages)
-        where g != gfn && vms[vm]!.spte[g] == nil {
-            let vpn = (slot.userspaceAddr >> UAPI.pageShift) &+ (g - slot.baseGfn)
-            guard let pte = mm?.ptes[vpn], mm?.vmas.value(at: vpn) != nil else { continue }
-            vms[vm]!.spte[g] = SPTE(pfn: pte.pfn, isPrivate: false, writable: false, prefetchedFromHVA: true)
+        let mm = processes[vms[vm]!.mmPID]?.mm
+        var start = block.lowerBound
+        while start < block.upperBound {
+            guard start != gfn && vms[vm]!.spte[start] == nil else {
+                start += 1
+                continue
+            }
+            var end = start
+            while end < block.upperBound && end != gfn && vms[vm]!.spte[end] == nil { end += 1 }
+            guard let id = vms[vm]!.slotByGfn.value(at: start), let slot = vms[vm]!.memslots[id],
+                slot.baseGfn + slot.npages - start >= end - start
+            else { return }
+            var g = start
+            while g < end, let pte = mm?.ptes[(slot.userspaceAddr >> UAPI.pageShift) &+ (g - slot.baseGfn)], pte.writable {
+                vms[vm]!.spte[g] = SPTE(pfn: pte.pfn, isPrivate: false, writable: false, prefetchedFromHVA: true)
+                g += 1
+            }
+            if g == start { return }
+            start = end
         }
     }
 
