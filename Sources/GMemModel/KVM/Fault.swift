@@ -35,7 +35,7 @@ extension Kernel {
     /// bypasses guest_memfd in GMEM_ONLY slots), direct_pte_prefetch() exactly: in the
     /// faulting gfn's aligned block of 8 (PTE_PREFETCH_NUM), each run of gfns without an
     /// entry is one batch; a batch whose memslot does not hold all of it, or whose first
-    /// host page GUP-fast (FOLL_WRITE: a present, writable PTE) cannot take, ends the
+    /// host page GUP-fast (FOLL_WRITE: a present, writable PTE, not secretmem) cannot take, ends the
     /// prefetch; otherwise its pages up to the first such one are mapped, read-only.
     mutating func prefetchFromUserspace(vm: UInt64, around gfn: UInt64) {
         let block = (gfn & ~7)..<((gfn & ~7) + 8)
@@ -52,7 +52,9 @@ extension Kernel {
                 slot.baseGfn + slot.npages - start >= end - start
             else { return }
             var g = start
-            while g < end, let pte = mm?.ptes[(slot.userspaceAddr >> UAPI.pageShift) &+ (g - slot.baseGfn)], pte.writable {
+            func vpn(_ g: UInt64) -> UInt64 { (slot.userspaceAddr >> UAPI.pageShift) &+ (g - slot.baseGfn) }
+            // GUP-fast takes a present, writable PTE, and never memory outside the direct map.
+            while g < end, let pte = mm?.ptes[vpn(g)], pte.writable, !isOutsideDirectMapIn(pid: vms[vm]!.mmPID, vpn(g)) {
                 vms[vm]!.spte[g] = SPTE(pfn: pte.pfn, isPrivate: false, writable: false, prefetchedFromHVA: true)
                 g += 1
             }
