@@ -275,6 +275,8 @@ public struct HostProfile: Hashable, Sendable {
     public var bindOffsetWraps: Bool
     /// Shadow paging's prefetch maps GMEM_ONLY gfns from userspace_addr (kvm-pvm's bug).
     public var shadowPrefetchFromHVA: Bool
+    /// GUEST_MEMFD_FLAG_MMAP/INIT_SHARED exist (KVM_CAP_GUEST_MEMFD_FLAGS is nonzero).
+    public var gmemFlags: Bool = true
     public init(vmTypes: UInt64, memoryAttributes: Bool, tdp: Bool, inPlace: Bool, maxVCPUIDs: UInt32, commitLimit: UInt64,
                 bindOffsetWraps: Bool, shadowPrefetchFromHVA: Bool) {
         (self.vmTypes, self.memoryAttributes, self.tdp, self.inPlace) = (vmTypes, memoryAttributes, tdp, inPlace)

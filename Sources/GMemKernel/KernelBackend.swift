@@ -101,11 +101,13 @@ public final class KernelBackend: Backend {
     /// what a model needs to stand for this host.
     public var hostProfile: HostProfile {
         let ids = capability(.maxVCPUID)
-        return HostProfile(
+        var p = HostProfile(
             vmTypes: max(capability(.vmTypes), 1), memoryAttributes: capability(.memoryAttributes) != 0,
             tdp: capability(.preFaultMemory) != 0, inPlace: capability(.guestMemfdMemoryAttributes) != 0,
             maxVCPUIDs: ids > 0 && ids <= UInt64(UInt32.max) ? UInt32(ids) : 1024, commitLimit: MemoryBudget.commitLimit(),
             bindOffsetWraps: Self.bindOffsetWraps, shadowPrefetchFromHVA: capability(.preFaultMemory) == 0)
+        p.gmemFlags = capability(.guestMemfdFlags) != 0
+        return p
     }
 
     /// Whether this kernel's kvm_gmem_bind() lets offset + size wrap as a signed

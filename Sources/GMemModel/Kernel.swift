@@ -22,6 +22,12 @@ public struct ModelConfig: Hashable, Sendable {
     public var bindingOwnership: BindingOwnership = .fileHoldsVM
     /// GUEST_MEMFD_FLAG_NO_DIRECT_MAP is offered (not in 6.18: see `.next`).
     public var noDirectMap = false
+    /// GUEST_MEMFD_FLAG_MMAP and INIT_SHARED, and KVM_CAP_GUEST_MEMFD_FLAGS, exist
+    /// (6.18); 6.12 has neither (any flag is EINVAL, and a guest_memfd has no mmap).
+    public var gmemFlags = true
+    /// KVM_CAP_GUEST_MEMFD is 1 on any VM (6.18); 6.12 says 1 only on VMs with
+    /// private memory (KVM_CREATE_GUEST_MEMFD works on a default VM all the same).
+    public var gmemCapOnAnyVM = true
     /// Linux 6.18's kvm_gmem_bind() bug: offset + size is a signed loff_t sum that can
     /// wrap negative and pass the EOF check (mainline takes the offset unsigned).
     public var bindOffsetWraps = false
@@ -64,8 +70,24 @@ public struct ModelConfig: Hashable, Sendable {
         c.commitLimit = profile.commitLimit
         c.bindOffsetWraps = profile.bindOffsetWraps
         c.shadowPrefetchFromHVA = profile.shadowPrefetchFromHVA
+        c.gmemFlags = profile.gmemFlags
+        c.gmemCapOnAnyVM = profile.gmemFlags  // the two arrived together (6.18)
         return c
     }
+
+    /// Linux 6.12 LTS (the reference kernel under qemu: kvm_amd with NPT and
+    /// CONFIG_KVM_SW_PROTECTED_VM), as measured there: no MMAP or INIT_SHARED flags,
+    /// no KVM_CAP_GUEST_MEMFD_FLAGS, KVM_CAP_GUEST_MEMFD only on VMs with private
+    /// memory, no in-place conversion; memory attributes, sw_protected VMs and
+    /// KVM_PRE_FAULT_MEMORY as mainline.
+    public static let linux612: ModelConfig = {
+        var c = ModelConfig.mainline
+        c.supportedVMTypes = 0b11
+        c.inPlaceConversion = false
+        c.gmemFlags = false
+        c.gmemCapOnAnyVM = false
+        return c
+    }()
 
     /// The hosts this project runs on (reference/host-kernel-probe.md): 6.18 with
     /// kvm-pvm, shadow paging, default VMs only, no memory attributes.

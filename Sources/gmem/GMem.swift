@@ -23,12 +23,15 @@ enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
 
 enum ModelProfile: String, ExpressibleByArgument, CaseIterable {
     case mainline
+    case linux618 = "linux-6.18"
+    case linux612 = "linux-6.12"
     case next
     case pvmHost = "pvm-host"
 
     var config: ModelConfig {
         switch self {
-        case .mainline: .mainline
+        case .mainline, .linux618: .mainline
+        case .linux612: .linux612
         case .next: .next
         case .pvmHost: .pvmHost
         }
@@ -39,7 +42,7 @@ struct BackendOptions: ParsableArguments {
     @Option(help: "Where steps run: model, kernel, or both (compared).")
     var backend: BackendChoice = .model
 
-    @Option(name: .customLong("model-config"), help: "What the model's host offers: mainline (x86 6.18, TDP, sw_protected VMs), next (mainline plus NO_DIRECT_MAP) or pvm-host (this project's hosts).")
+    @Option(name: .customLong("model-config"), help: "Which kernel the model answers as: mainline or linux-6.18 (x86 6.18, TDP, sw_protected VMs), linux-6.12 (the LTS: no MMAP/INIT_SHARED guest_memfd flags), next (mainline plus NO_DIRECT_MAP) or pvm-host (this project's hosts: 6.18 on kvm-pvm, with its measured quirks and bugs); docs/profiles.md.")
     var modelConfig: ModelProfile = .mainline
 
     @Option(name: .customLong("mutant"), help: "Run the model with a deliberate bug (\(Mutant.allCases.map(\.rawValue).joined(separator: ", "))); repeatable.")

@@ -231,6 +231,35 @@ struct RuleTableTests {
         }
     }
 
+    /// Linux 6.12 as measured on the reference kernel: no guest_memfd flags (flag 1 is
+    /// EINVAL, mmap is ENODEV), KVM_CAP_GUEST_MEMFD and MEMORY_ATTRIBUTES 0 on a default
+    /// VM although KVM_CREATE_GUEST_MEMFD works there, VM_TYPES 3, attributes as mainline.
+    @Test func linux612ProfileMatchesTheReferenceKernel() throws {
+        var k = Kernel(config: .linux612)
+        #expect(try k.checkExtension(on: nil, .vmTypes) == 3)
+        #expect(try k.checkExtension(on: nil, .guestMemfd) == 1)
+        #expect(try k.checkExtension(on: nil, .memoryAttributes) == UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        #expect(try k.checkExtension(on: nil, .guestMemfdFlags) == 0)
+        let vm = try k.createVM(type: 0)
+        #expect(try k.checkExtension(on: vm, .guestMemfd) == 0)
+        #expect(try k.checkExtension(on: vm, .memoryAttributes) == 0)
+        #expect(errnoOf { () throws(Errno) in try k.createGuestMemfd(on: vm, size: 2 * M, flags: MMAP) } == .EINVAL)
+        let gmem = try k.createGuestMemfd(on: vm, size: 2 * M, flags: 0)
+        #expect(errnoOf { () throws(Errno) in try k.mmap(fd: gmem, offset: 0, length: 4096, prot: [.read, .write], shared: true) } == .ENODEV)
+        let sw = try k.createVM(type: VMType.swProtected.number)
+        #expect(try k.checkExtension(on: sw, .guestMemfd) == 1)
+        #expect(errnoOf { () throws(Errno) in try k.setMemoryAttributes(vm: sw, address: 0, size: 4096, attributes: 1, flags: 0) } == .EINVAL)
+        #expect(errnoOf { () throws(Errno) in
+            try k.setMemoryAttributes(vm: sw, address: G, size: 4096, attributes: UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE, flags: 0)
+        } == nil)
+        // Mainline (6.18) differs exactly there.
+        var m = Kernel(config: .mainline)
+        let mvm = try m.createVM(type: 0)
+        #expect(try m.checkExtension(on: mvm, .guestMemfd) == 1)
+        #expect(try m.checkExtension(on: nil, .guestMemfdFlags) != 0)
+        _ = try m.createGuestMemfd(on: mvm, size: 2 * M, flags: MMAP | INIT_SHARED)
+    }
+
     @Test func pvmHostProfileMatchesTheProbe() throws {
         var k = Kernel(config: .pvmHost)
         #expect(errnoOf { () throws(Errno) in try k.createVM(type: 1) } == .EINVAL)

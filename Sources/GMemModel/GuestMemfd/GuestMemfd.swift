@@ -74,6 +74,7 @@ extension Kernel {
     /// kvm_gmem_get_supported_flags(): MMAP always; INIT_SHARED unless the VM
     /// has private memory (x86 mainline), and always when asked of /dev/kvm.
     func gmemSupportedFlags(vm: UInt64?) -> UInt64 {
+        guard config.gmemFlags else { return config.noDirectMap ? UAPI.GUEST_MEMFD_FLAG_NO_DIRECT_MAP : 0 }
         var flags = UAPI.GUEST_MEMFD_FLAG_MMAP | (config.noDirectMap ? UAPI.GUEST_MEMFD_FLAG_NO_DIRECT_MAP : 0)
         // x86: INIT_SHARED when in-place conversion is on or the VM has no private memory.
         if let vm, vms[vm]!.type.hasPrivateMemory, vms[vm]!.conversion == .attributes {

@@ -132,7 +132,8 @@ extension Kernel {
         }
         let privateMem = vm.map { $0.type.hasPrivateMemory } ?? true
         switch cap {
-        case .userMemory, .userMemory2, .memoryFaultInfo, .guestMemfd: return 1
+        case .userMemory, .userMemory2, .memoryFaultInfo: return 1
+        case .guestMemfd: return config.gmemCapOnAnyVM || privateMem ? 1 : 0
         case .readonlyMem: return 1
         case .maxVCPUID: return UInt64(config.maxVCPUIDs)
         case .nrMemslots: return UInt64(UAPI.KVM_USER_MEM_SLOTS)
@@ -141,7 +142,7 @@ extension Kernel {
             return config.memoryAttributesIoctl && privateMem ? UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE : 0
         case .vmTypes: return config.supportedVMTypes
         case .preFaultMemory: return config.tdp ? 1 : 0
-        case .guestMemfdFlags: return gmemSupportedFlags(vm: vm?.id)
+        case .guestMemfdFlags: return config.gmemFlags ? gmemSupportedFlags(vm: vm?.id) : 0  // unknown to 6.12
         case .guestMemfdMemoryAttributes:
             guard config.inPlaceConversion, privateMem else { return 0 }
             return (vm.map { $0.conversion == .inPlace } ?? true) ? UAPI.KVM_MEMORY_ATTRIBUTE_PRIVATE : 0
