@@ -175,7 +175,11 @@ struct Run: ParsableCommand {
     @Argument(help: "Scenario files or directories.")
     var files: [String]
 
+    @Option(help: "Run inside a reference kernel booted under qemu (linux-6.12; build it with scripts/reference-kernel build).")
+    var on: String?
+
     func run() throws {
+        if let on { try ReferenceKernel.relay(on) }
         var scenarios: [Scenario] = []
         var invalid = false
         for path in expandScenarioPaths(files) {

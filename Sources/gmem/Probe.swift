@@ -14,7 +14,11 @@ struct Probe: ParsableCommand {
     @Flag(help: "One JSON object instead of text.")
     var json = false
 
+    @Option(help: "Probe a reference kernel booted under qemu instead (linux-6.12).")
+    var on: String?
+
     func run() throws {
+        if let on { try ReferenceKernel.relay(on) }
         #if os(Linux)
         let probe: HostProbe
         switch HostProbe.run() {
